@@ -1,0 +1,52 @@
+# ecdit: two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build lies on these machines' disk and installs in seconds; override for GPU
+# machines, e.g. `make install TORCH_SPEC='torch==2.13.0' TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ecdit-installed
+DEMO_DIR ?= results/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench bench-gpu clean help
+
+help:
+	@echo "make demo   install, then run the demo study end to end (sweep, train, plot)"
+	@echo "make test   install, then run the test suite"
+	@echo "make lint   ruff over the package and the tests"
+	@echo "make bench  MoE layer and training-step benchmarks (writes results/bench/)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when pyproject.toml changes (the stamp is newer otherwise).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/ecdit sweep sweeps/demo.yaml -o $(DEMO_DIR)
+	$(VENV)/bin/ecdit train --sweep $(DEMO_DIR)
+	$(VENV)/bin/ecdit plot $(DEMO_DIR)
+
+lint: install
+	$(VENV)/bin/ruff check ecdit_cli tests
+
+bench: install
+	$(VENV)/bin/ecdit bench moe --markdown results/bench/moe.md
+	$(VENV)/bin/ecdit bench step --markdown results/bench/step.md
+
+bench-gpu: install
+	$(VENV)/bin/ecdit bench moe --device cuda --markdown results/bench/moe-gpu.md
+	$(VENV)/bin/ecdit bench step --device cuda --markdown results/bench/step-gpu.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

