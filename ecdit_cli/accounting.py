@@ -1,0 +1,136 @@
+"""Analytic parameter and FLOP counts of a run config (no model is built).
+
+Counts follow the modules in model/dit.py exactly (a test checks `params_total` against
+`sum(p.numel())` for small configs), so paper-size configs (97B parameters) can be counted on a
+laptop.
+
+- params_total: every trainable parameter of the denoiser (DiT trunk, embedders, caption
+  projection, all experts). The text encoder is counted separately (`params_text`): the
+  paper's encoder is frozen and outside the DiT.
+- params_active: the parameters one image token's forward uses on average. An MoE layer
+  contributes its router plus `a` experts, where a = E * C / G is the number of expert slots
+  per token (expert choice: the capacity factor f, after rounding C; token choice: min(k, that),
+  since routes beyond the slot budget are dropped).
+- flops_per_image: forward FLOPs (2 per multiply-add) of matmuls and attention for one image
+  at `text.max_len` text tokens: patch embedding, timestep MLP, caption projection, self- and
+  cross-attention (projections, scores and weighted sums), adaLN, FFN or routed experts, the
+  router, the final layer. Element-wise ops (norms, softmax, GeLU) are left out.
+- Training FLOPs = 3 x forward (backward costs two forwards) x images seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ecdit_cli.config import RunConfig
+from ecdit_cli.model.routing import expert_capacity
+
+FREQ_EMBED = 256  # TimestepEmbedder frequency features
+
+
+@dataclass
+class Accounting:
+    params_total: int
+    params_active: float
+    params_text: int
+    flops_per_image: float
+    tokens_per_image: int
+    num_moe_layers: int
+    slots_per_token: float  # expert FFNs per token in an MoE layer (0 for dense models)
+    breakdown_params: dict[str, int] = field(default_factory=dict)
+    breakdown_flops: dict[str, float] = field(default_factory=dict)
+
+    def train_flops(self, images: float) -> float:
+        return 3.0 * self.flops_per_image * images
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def text_encoder_params(cfg: RunConfig, vocab_size: int | None) -> int:
+    t = cfg.text
+    if t.encoder != "learned":
+        return 0  # frozen and external
+    W = t.width
+    layer = _linear(W, 3 * W) + _linear(W, W) + _linear(W, 4 * W) + _linear(4 * W, W) + 4 * W
+    return (vocab_size or 0) * W + t.max_len * W + t.depth * layer + 2 * W
+
+
+def expert_slots_per_token(cfg: RunConfig) -> float:
+    """Expert FFNs one token gets on average in an MoE layer (E * C / G)."""
+    moe, m = cfg.moe, cfg.model
+    if not moe.is_moe:
+        return 0.0
+    G = moe.group_size or m.tokens_per_image
+    slots = moe.num_experts * expert_capacity(G, moe.capacity_factor, moe.num_experts) / G
+    return slots if moe.routing == "expert_choice" else min(float(moe.top_k), slots)
+
+
+def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
+    m, moe = cfg.model, cfg.moe
+    D, T, L, W = m.hidden_size, m.tokens_per_image, cfg.text.max_len, cfg.text.width
+    p2c = m.patch_size**2 * m.in_channels
+    kv = 2 * m.num_kv_heads * m.head_dim
+    Fh = m.mlp_hidden
+    F_dense = Fh if moe.is_moe else int(round(Fh * moe.dense_width_mult))
+    E = moe.num_experts
+    a = expert_slots_per_token(cfg)
+
+    P: dict[str, int] = {}
+    P["embedders"] = (
+        p2c * D + D  # x_embedder (conv as linear)
+        + _linear(FREQ_EMBED, D) + _linear(D, D)  # t_embedder
+        + _linear(W, D) + _linear(D, D) + W  # y_embedder incl. null caption
+    )
+    attn = _linear(D, D) + _linear(D, kv) + _linear(D, D)
+    P["self_attention"] = m.depth * attn
+    P["cross_attention"] = m.depth * (attn + 2 * D)  # + norm_cross affine
+    P["adaln"] = m.depth * _linear(D, 6 * D)
+    expert = _linear(D, Fh) + _linear(Fh, D)
+    n_moe = sum(moe.is_moe_block(i) for i in range(m.depth))
+    P["ffn_dense"] = (m.depth - n_moe) * (_linear(D, F_dense) + _linear(F_dense, D))
+    P["experts"] = n_moe * E * expert
+    P["routers"] = n_moe * D * E
+    P["final_layer"] = _linear(D, 2 * D) + _linear(D, p2c)
+    total = sum(P.values())
+    active = total - P["experts"] + n_moe * a * expert
+
+    Fl: dict[str, float] = {}
+    Fl["embedders"] = 2.0 * (T * p2c * D + FREQ_EMBED * D + D * D + L * (W * D + D * D))
+    # Projections + QK^T and AV (each 2*T*Lk*D).
+    Fl["self_attention"] = m.depth * 2.0 * (T * D * D + T * D * kv + T * D * D + 2 * T * T * D)
+    Fl["cross_attention"] = m.depth * 2.0 * (T * D * D + L * D * kv + T * D * D + 2 * T * L * D)
+    Fl["adaln"] = m.depth * 2.0 * D * 6 * D + 2.0 * D * 2 * D
+    Fl["ffn_dense"] = (m.depth - n_moe) * 2.0 * T * 2 * D * F_dense
+    Fl["experts"] = n_moe * 2.0 * T * a * 2 * D * Fh
+    Fl["routers"] = n_moe * 2.0 * T * D * E
+    Fl["final_layer"] = 2.0 * T * D * p2c
+    return Accounting(
+        params_total=total,
+        params_active=active,
+        params_text=text_encoder_params(cfg, vocab_size),
+        flops_per_image=sum(Fl.values()),
+        tokens_per_image=T,
+        num_moe_layers=n_moe,
+        slots_per_token=a,
+        breakdown_params=P,
+        breakdown_flops=Fl,
+    )
+
+
+def dense_width_for_flops(cfg: RunConfig, target_flops: float) -> float:
+    """The `moe.dense_width_mult` that makes a dense config's forward FLOPs equal `target_flops`.
+
+    FLOPs are affine in the dense FFN width, so two evaluations give the exact multiplier;
+    the hidden width is then rounded to an integer, so equality holds to ~1/F.
+    """
+    import copy
+
+    lo, hi = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    lo.moe.dense_width_mult, hi.moe.dense_width_mult = 1.0, 2.0
+    f1, f2 = count(lo).flops_per_image, count(hi).flops_per_image
+    return 1.0 + (target_flops - f1) / (f2 - f1)

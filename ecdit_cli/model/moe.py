@@ -1,0 +1,209 @@
+"""FFN layers: the dense GeLU FFN and the MoE FFN built on DeepSpeed's MoE layer.
+
+`MoEFeedForward` *is a* `deepspeed.moe.layer.MoE`, so `deepspeed.initialize` finds it, creates
+its expert-parallel process groups and puts its expert parameters into MoE optimizer groups
+(ZeRO-1/2). Inside it, DeepSpeed's `MOELayer` holds our `Router` as its gate (the 0.19.4+
+sparse-route contract, see DEEPSPEED.md) and our `GroupedExperts` (stacked expert weights run by
+batched matmuls) as its experts. With `ep_size == 1` the layer skips MOELayer and runs the same
+parameters through a local gather / bmm / index_add path (`dispatch_combine`); tests prove both
+paths give the same outputs and gradients.
+
+Shape legend: B images, T tokens per image, S = B*T tokens, D width, F expert hidden width,
+E experts (El local ones), C slots per expert, K routes per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ecdit_cli.model.routing import RoutingResult, expert_choice, slots_to_routes, token_choice
+
+
+def _import_deepspeed_moe():
+    # DeepSpeed logs its accelerator choice at import; keep our CLI output clean.
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.sharded_moe import MOELayer
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
+    return MoE, MOELayer
+
+
+DeepSpeedMoE, MOELayer = _import_deepspeed_moe()
+
+
+class FeedForward(nn.Module):
+    """The dense FFN: Linear(D, F) -> GeLU(tanh) -> Linear(F, D), as DiT's Mlp."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class GroupedExperts(nn.Module):
+    """El experts of the dense FFN's shape, stacked as (El, D, F) / (El, F, D) weights.
+
+    Called by MOELayer with its dispatch buffer (ep, El, C, D) and by the local fast path with
+    (El, C, D). Parameters carry DeepSpeed's expert markers (`allreduce=False`, `group_name`)
+    so the engine reduces them over the expert-data-parallel group only.
+    """
+
+    def __init__(self, num_local_experts: int, hidden_size: int, mlp_hidden: int, group_name: str) -> None:
+        super().__init__()
+        El, D, Fh = num_local_experts, hidden_size, mlp_hidden
+        self.w1 = nn.Parameter(torch.empty(El, D, Fh))
+        self.b1 = nn.Parameter(torch.zeros(El, Fh))
+        self.w2 = nn.Parameter(torch.empty(El, Fh, D))
+        self.b2 = nn.Parameter(torch.zeros(El, D))
+        for p in self.parameters():
+            p.allreduce = False
+            p.group_name = group_name
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Xavier-uniform per expert, as nn.Linear gets in DiT.initialize_weights.
+        for w in (self.w1, self.w2):
+            bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def ffn(self, x_ECD: Tensor) -> Tensor:
+        h_ECF = torch.baddbmm(self.b1.unsqueeze(1), x_ECD, self.w1)
+        h_ECF = F.gelu(h_ECF, approximate="tanh")
+        return torch.baddbmm(self.b2.unsqueeze(1), h_ECF, self.w2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return self.ffn(x)
+        # MOELayer's buffer after the all-to-all: (ep, El, C, D) -> one batch per local expert.
+        ep, El, C, D = x.shape
+        y = self.ffn(x.transpose(0, 1).reshape(El, ep * C, D))
+        return y.reshape(El, ep, C, D).transpose(0, 1)
+
+
+class Router(nn.Module):
+    """Linear router (no bias) + EC or TC routing; also DeepSpeed's gate for MOELayer.
+
+    As a gate it follows the 0.19.4+ contract: `forward(x_SD, used_token, sparse_routes,
+    use_tutel)` returns (l_aux, capacity, E, indices[K,S], locations[K,S], gates[K,S],
+    exp_counts). The full `RoutingResult` of the last call is kept in `self.last` for the MoE
+    layer to return to the model (stats and unweighted auxiliary losses).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, routing: str, capacity_factor: float,
+                 top_k: int, group_size: int, normalize_top_k: bool, force_balanced: bool = False) -> None:
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        self.routing = routing
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.top_k = top_k
+        self.group_size = group_size  # tokens per routing group (one image unless pooled)
+        self.normalize_top_k = normalize_top_k
+        self.force_balanced = force_balanced
+        self.ep_group = None
+        self.last: RoutingResult | None = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def logits(self, x_SD: Tensor) -> Tensor:
+        # Router math in fp32 whatever the activation dtype (PAPER.md: softmax in fp32).
+        logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
+        if self.force_balanced:
+            # Throughput-only debug switch: random logits spread tokens evenly (no learning signal).
+            logits_SE = torch.rand_like(logits_SE).detach()
+        return logits_SE
+
+    def route(self, x_SD: Tensor) -> RoutingResult:
+        logits_SE = self.logits(x_SD)
+        if self.routing == "expert_choice":
+            return expert_choice(logits_SE, self.group_size, self.capacity_factor)
+        return token_choice(logits_SE, self.group_size, self.capacity_factor, self.top_k, self.normalize_top_k)
+
+    def forward(self, x_SD: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
+                use_tutel: bool = False):
+        if not sparse_routes or used_token is not None or use_tutel:
+            raise RuntimeError("ecdit's router supports only DeepSpeed's sparse-route gate contract (>= 0.19.4)")
+        r = self.route(x_SD)
+        self.last = r
+        indices_KS, locations_KS, gates_KS = slots_to_routes(r)
+        l_aux = r.aux_loss if r.aux_loss is not None else x_SD.new_zeros((), dtype=torch.float32)
+        return l_aux, r.capacity, self.num_experts, indices_KS, locations_KS, gates_KS, r.tokens_per_expert_E
+
+
+def dispatch_combine(x_SD: Tensor, r: RoutingResult, experts: GroupedExperts) -> Tensor:
+    """The local MoE path: gather each slot's token, run all experts by bmm, scatter-add back.
+
+    out[s] = sum over slots (e, c) holding s of weight[e, c] * Expert_e(x[s]); a token no slot
+    holds gets exactly zero. Unused slots read a zero pad row and carry weight 0.
+    """
+    S, D = x_SD.shape
+    x_pad = torch.cat([x_SD, x_SD.new_zeros(1, D)])  # row S is the pad row
+    E, C = r.token_idx_EC.shape
+    flat_EC = r.token_idx_EC.reshape(-1)
+    x_ECD = x_pad.index_select(0, flat_EC).view(E, C, D)
+    y_ECD = experts.ffn(x_ECD)
+    # Combine in fp32 (the weights are fp32 affinities), then back to the activation dtype.
+    y_ECD = y_ECD.float() * r.weight_EC.unsqueeze(-1)
+    out = torch.zeros(S + 1, D, dtype=y_ECD.dtype, device=x_SD.device)
+    out.index_add_(0, flat_EC, y_ECD.view(E * C, D))
+    return out[:S].to(x_SD.dtype)
+
+
+class MoEFeedForward(DeepSpeedMoE):
+    """An MoE FFN block (EC or TC) that DeepSpeed's engine recognises as its MoE layer.
+
+    We bypass `DeepSpeedMoE.__init__` (it would build a TopKGate and deep-copy one expert per
+    slot) and set the attributes the engine and `set_deepspeed_parallelism` rely on
+    (deepspeed >= 0.19.4, < 0.20): ep_size, expert_group_name, num_experts,
+    num_local_experts, enable_expert_tensor_parallelism, use_residual, deepspeed_moe.
+    """
+
+    def __init__(self, hidden_size: int, mlp_hidden: int, num_experts: int, routing: str,
+                 capacity_factor: float, top_k: int, group_size: int, normalize_top_k: bool = True,
+                 ep_size: int = 1, use_deepspeed_layer: bool = False, force_balanced: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
+        gate = Router(hidden_size, num_experts, routing, capacity_factor, top_k, group_size, normalize_top_k,
+                      force_balanced)
+        experts = GroupedExperts(self.num_local_experts, hidden_size, mlp_hidden, self.expert_group_name)
+        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
+        self.use_deepspeed_layer = use_deepspeed_layer or ep_size > 1
+
+    @property
+    def router(self) -> Router:
+        return self.deepspeed_moe.gate
+
+    @property
+    def experts(self) -> GroupedExperts:
+        return self.deepspeed_moe.experts
+
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, RoutingResult]:  # type: ignore[override]
+        """x_BTD (B, T, D) -> (y_BTD, routing). Groups are consecutive tokens of the flattened batch."""
+        B, T, D = x_BTD.shape
+        if self.use_deepspeed_layer:
+            y = self.deepspeed_moe(x_BTD, None)
+            r = self.router.last
+            self.router.last = None  # do not keep the graph alive past this step
+            return y, r
+        x_SD = x_BTD.reshape(B * T, D)
+        r = self.router.route(x_SD)
+        return dispatch_combine(x_SD, r, self.experts).view(B, T, D), r

@@ -1,0 +1,231 @@
+"""Routers: expert choice (EC-DiT, arXiv 2410.02098, Alg. 1) and token choice (GShard top-k).
+
+Both routers turn router logits into one sparse representation, the *slot table*: expert e's
+buffer has `capacity` slots; slot c holds the flat index of the token it processes
+(`token_idx_EC`) and the weight its output is combined with (`weight_EC`). Unused slots point
+at a zero pad row (index S) with weight 0. The same table drives the fast local dispatch
+(gather / batched matmul / index_add, `moe.py`) and DeepSpeed's MOELayer (converted to its
+sparse [k, S] routes by `slots_to_routes`). No tensor of size tokens x experts x capacity is
+ever built.
+
+Routing groups: tokens are split into consecutive groups of `group_size` tokens (one image by
+default, so routing is batch-independent); each group has its own per-expert capacity
+`C = expert_capacity(group_size, f, E)`, and the slot tables of all groups are concatenated
+along the capacity axis (capacity = sum of the groups' C).
+
+Shape legend: S tokens (all groups, flattened), E experts, C slots per expert (all groups),
+N groups, G tokens per group, K routes per token, D width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def expert_capacity(group_tokens: int, capacity_factor: float, num_experts: int) -> int:
+    """Slots per expert for one routing group: C = round(G * f / E), clamped to [1, G].
+
+    Rounding is half-up (floor(x + 0.5)) so that G * f / E = 15.5 gives 16; the clamp keeps
+    C >= 1 for tiny groups and C <= G because an expert cannot take a token twice. With the
+    paper's setting (G divisible by E, f = 2) C = 2G/E exactly and E * C = f * G slots.
+    The same formula sizes token-choice buffers, so both routings get the same slot budget.
+    """
+    c = math.floor(group_tokens * capacity_factor / num_experts + 0.5)
+    return max(1, min(group_tokens, c))
+
+
+@dataclass
+class RoutingResult:
+    """One MoE layer's routing decision for S tokens, in slot-table form."""
+
+    token_idx_EC: Tensor  # (E, C) long, token feeding each slot; S marks an unused slot
+    weight_EC: Tensor  # (E, C) fp32 combine weight of each slot (0 where unused); carries router grads
+    num_tokens: int  # S
+    aux_loss: Tensor | None = None  # token choice: GShard load-balancing loss (unweighted)
+    z_loss: Tensor | None = None  # token choice: router z-loss (unweighted)
+    experts_per_token_S: Tensor | None = None  # (S,) long, detached: experts that processed each token
+    tokens_per_expert_E: Tensor | None = None  # (E,) detached: routes each expert was asked for (before capacity)
+    stats: dict[str, float] = field(default_factory=dict)  # scalars for logging
+
+    @property
+    def capacity(self) -> int:
+        return self.token_idx_EC.shape[1]
+
+
+def _group_bounds(num_tokens: int, group_size: int) -> list[tuple[int, int]]:
+    """[(start, length)] of consecutive groups: full groups, then one shorter remainder group."""
+    g = group_size if group_size > 0 else num_tokens
+    n_full, rem = divmod(num_tokens, g)
+    bounds = [(0, n_full * g)] if n_full else []
+    if rem:
+        bounds.append((n_full * g, rem))
+    return bounds
+
+
+def expert_choice(logits_SE: Tensor, group_size: int, capacity_factor: float) -> RoutingResult:
+    """Expert-choice routing (PAPER.md, steps 1-4).
+
+    A = softmax(logits) over experts in fp32; in every group each expert keeps the C tokens
+    with the largest affinity for it; the combine weight is the raw affinity A[s, e] (not
+    renormalised). A token nobody picks gets no FFN output (its residual passes through).
+    """
+    S, E = logits_SE.shape
+    g = group_size if group_size > 0 else S
+    probs_SE = torch.softmax(logits_SE.float(), dim=-1)
+    idx_parts, w_parts = [], []
+    for start, length in _group_bounds(S, g):
+        G = min(g, length)
+        N = length // G
+        C = expert_capacity(G, capacity_factor, E)
+        probs_NEG = probs_SE[start : start + length].view(N, G, E).transpose(1, 2)
+        w_NEC, idx_NEC = probs_NEG.topk(C, dim=-1)
+        # Group-local token positions -> flat token indices.
+        idx_NEC = idx_NEC + (start + torch.arange(N, device=logits_SE.device) * G).view(N, 1, 1)
+        idx_parts.append(idx_NEC.permute(1, 0, 2).reshape(E, N * C))
+        w_parts.append(w_NEC.permute(1, 0, 2).reshape(E, N * C))
+    token_idx_EC = torch.cat(idx_parts, dim=1)
+    weight_EC = torch.cat(w_parts, dim=1)
+
+    experts_per_token_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S)[:S].detach()
+    ept = experts_per_token_S.float()
+    stats = {
+        "ec_experts_per_token_mean": ept.mean().item(),
+        "ec_experts_per_token_std": ept.std(unbiased=False).item(),
+        "ec_experts_per_token_max": ept.max().item(),
+        "ec_unrouted_frac": (experts_per_token_S == 0).float().mean().item(),
+    }
+    return RoutingResult(
+        token_idx_EC=token_idx_EC,
+        weight_EC=weight_EC,
+        num_tokens=S,
+        experts_per_token_S=experts_per_token_S,
+        tokens_per_expert_E=torch.full((E,), token_idx_EC.shape[1], device=logits_SE.device),
+        stats=stats,
+    )
+
+
+def load_balancing_loss(probs_SE: Tensor, expert_SK: Tensor) -> Tensor:
+    """GShard / Switch auxiliary loss: E * sum_e mean_s(P[s, e]) * (share of routes to e).
+
+    The share counts all k routes of every token (before capacity), so the loss is 1.0 for a
+    perfectly uniform router at any k, and grows to E when every route goes to one expert.
+    """
+    S, E = probs_SE.shape
+    route_share_E = torch.bincount(expert_SK.reshape(-1), minlength=E).float() / expert_SK.numel()
+    return E * torch.sum(probs_SE.mean(dim=0) * route_share_E)
+
+
+def router_z_loss(logits_SE: Tensor) -> Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (keeps router logits small)."""
+    return torch.logsumexp(logits_SE.float(), dim=-1).square().mean()
+
+
+def token_choice(
+    logits_SE: Tensor,
+    group_size: int,
+    capacity_factor: float,
+    top_k: int,
+    normalize: bool = True,
+) -> RoutingResult:
+    """Token-choice top-k routing with a per-expert capacity and overflow dropping (GShard).
+
+    Each token picks its top-k experts by softmax probability. Per group, expert e accepts at
+    most C = expert_capacity(G, f, E) routes, so E * C equals the expert-choice slot budget
+    at the same capacity factor. Priority is GShard's: all first choices of the group (in
+    token order), then all second choices, and so on; routes beyond capacity are dropped and
+    the token keeps its residual for them. Gates are the top-k probabilities, renormalised
+    over the k choices before dropping when `normalize` (GShard), raw otherwise.
+    """
+    S, E = logits_SE.shape
+    K = top_k
+    g = group_size if group_size > 0 else S
+    probs_SE = torch.softmax(logits_SE.float(), dim=-1)
+    gate_SK, expert_SK = probs_SE.topk(K, dim=-1)
+    if normalize:
+        gate_SK = gate_SK / gate_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate_SK.dtype).eps)
+
+    bounds = _group_bounds(S, g)
+    caps = [expert_capacity(min(g, length), capacity_factor, E) for _, length in bounds]
+    total_C = sum(c * (length // min(g, length)) for c, (_, length) in zip(caps, bounds))
+    # Flat slot ids in a buffer of E * total_C slots plus one scratch slot for dropped routes.
+    slot_parts, keep_parts, tok_parts, gate_parts = [], [], [], []
+    offset = 0  # first slot column of the current group within each expert's buffer
+    for (start, length), C in zip(bounds, caps):
+        G = min(g, length)
+        N = length // G
+        e_NKG = expert_SK[start : start + length].view(N, G, K).permute(0, 2, 1)
+        # Position of each route among the routes to its expert in this group, in priority order.
+        onehot_NRE = F.one_hot(e_NKG.reshape(N, K * G), E)
+        loc_NR = (onehot_NRE.cumsum(dim=1) * onehot_NRE).sum(dim=-1) - 1
+        keep_NR = loc_NR < C
+        col_NR = offset + torch.arange(N, device=logits_SE.device).view(N, 1) * C + loc_NR
+        slot_parts.append((e_NKG.reshape(N, K * G) * total_C + col_NR).reshape(-1))
+        keep_parts.append(keep_NR.reshape(-1))
+        tok_NKG = (start + torch.arange(length, device=logits_SE.device)).view(N, 1, G).expand(N, K, G)
+        tok_parts.append(tok_NKG.reshape(-1))
+        gate_parts.append(gate_SK[start : start + length].view(N, G, K).permute(0, 2, 1).reshape(-1))
+        offset += N * C
+    slot_R = torch.cat(slot_parts)
+    keep_R = torch.cat(keep_parts)
+    scratch = E * total_C
+    slot_R = torch.where(keep_R, slot_R, torch.full_like(slot_R, scratch))
+    token_idx = torch.full((scratch + 1,), S, dtype=torch.long, device=logits_SE.device)
+    token_idx.scatter_(0, slot_R, torch.cat(tok_parts))
+    weight = torch.zeros(scratch + 1, dtype=gate_SK.dtype, device=logits_SE.device)
+    weight = weight.scatter(0, slot_R, torch.cat(gate_parts) * keep_R)
+    token_idx_EC = token_idx[:scratch].view(E, total_C)
+    weight_EC = weight[:scratch].view(E, total_C)
+
+    tokens_per_expert_E = torch.bincount(expert_SK.reshape(-1), minlength=E).detach()
+    kept = int(keep_R.sum())
+    experts_per_token_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S + 1)[:S].detach()
+    stats = {
+        "tc_dropped_frac": 1.0 - kept / max(1, S * K),
+        "tc_load_imbalance": (tokens_per_expert_E.max() / tokens_per_expert_E.float().mean()).item(),
+    }
+    return RoutingResult(
+        token_idx_EC=token_idx_EC,
+        weight_EC=weight_EC,
+        num_tokens=S,
+        aux_loss=load_balancing_loss(probs_SE, expert_SK),
+        z_loss=router_z_loss(logits_SE),
+        experts_per_token_S=experts_per_token_S,
+        tokens_per_expert_E=tokens_per_expert_E,
+        stats=stats,
+    )
+
+
+def slots_to_routes(r: RoutingResult) -> tuple[Tensor, Tensor, Tensor]:
+    """Slot table -> DeepSpeed's sparse routes (indices, locations, gates), each [K, S].
+
+    Route row k of token s holds the k-th expert (in expert order) that processes s; K is the
+    largest number of experts any token received (DEEPSPEED.md: same output as K = E, faster).
+    Unused entries have index -1. (expert, location) pairs are unique by construction.
+    """
+    E, C = r.token_idx_EC.shape
+    S = r.num_tokens
+    device = r.token_idx_EC.device
+    tok = r.token_idx_EC.reshape(-1)
+    used = tok < S
+    slot = torch.arange(E * C, device=device)[used]
+    tok = tok[used]
+    gates = r.weight_EC.reshape(-1)[used]
+    # Stable sort by token keeps expert order within a token (slots are expert-major).
+    order = torch.sort(tok, stable=True).indices
+    tok, slot, gates = tok[order], slot[order], gates[order]
+    counts_S = torch.bincount(tok, minlength=S)
+    K = max(1, int(counts_S.max())) if tok.numel() else 1
+    first = torch.cumsum(counts_S, 0) - counts_S
+    rank = torch.arange(tok.numel(), device=device) - first[tok]
+    indices_KS = torch.full((K, S), -1, dtype=torch.int32, device=device)
+    locations_KS = torch.zeros((K, S), dtype=torch.int32, device=device)
+    gates_KS = torch.zeros((K, S), dtype=r.weight_EC.dtype, device=device)
+    indices_KS[rank, tok] = (slot // C).to(torch.int32)
+    locations_KS[rank, tok] = (slot % C).to(torch.int32)
+    gates_KS = gates_KS.index_put((rank, tok), gates)
+    return indices_KS, locations_KS, gates_KS

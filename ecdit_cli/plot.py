@@ -1,0 +1,438 @@
+"""Figures of a study: loss curves, scaling laws, per-timestep loss, routing statistics, evals.
+
+Every function takes collected data (`collect.CollectResult` tables) and, for the scaling
+figures, the fits of `ecdit_cli.fit`, and returns a matplotlib Figure; the caller saves it
+(`save_figure` writes PNG and SVG). One colour per routing across all figures (dense dark grey,
+token choice blue, expert choice orange-red); within a routing, a lighter shade and a different
+marker mark a smaller model, and a different line style another series (e.g. E=16 vs E=8).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display, also on a laptop with one
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from ecdit_cli.collect import CollectResult, series_labels, size_labels, size_order  # noqa: E402
+from ecdit_cli.utils import atomic_write_bytes  # noqa: E402
+
+ROUTING_COLORS = {"dense": "#3a3a3a", "token_choice": "#1f6fb4", "expert_choice": "#e0541b"}
+ROUTING_NAMES = {"dense": "Dense", "token_choice": "Token choice (TC)", "expert_choice": "Expert choice (EC)"}
+_OTHER_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+SIZE_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+SERIES_STYLES = ["-", "--", ":", "-."]
+LOSS_LABEL = "validation loss (MSE of velocity)"
+X_LABELS = {
+    "step": "optimizer steps",
+    "flops": "training FLOPs (cumulative)",
+    "images_seen": "images seen",
+    "params_active": "activated parameters per token",
+    "params_total": "total parameters",
+    "train_flops": "training FLOPs (whole run)",
+}
+EVAL_TASKS = ("overall", "single_object", "two_object", "counting", "colors", "position", "color_attr")
+FIGURES = ("loss_vs_steps", "loss_vs_flops", "scaling_params", "scaling_flops", "loss_vs_timestep",
+           "routing_stats", "eval_scores")  # fmt: skip
+
+plt.rcParams.update({
+    "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.25,
+    "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "font.size": 9,
+    "svg.hashsalt": "ecdit",  # deterministic SVG ids
+})  # fmt: skip
+
+
+def routing_color(routing: str) -> str:
+    if routing in ROUTING_COLORS:
+        return ROUTING_COLORS[routing]
+    return _OTHER_COLORS[sum(map(ord, str(routing))) % len(_OTHER_COLORS)]
+
+
+def routing_name(routing: str) -> str:
+    return ROUTING_NAMES.get(routing, str(routing))
+
+
+def shade(color: str, rank: int, n: int) -> tuple[float, float, float]:
+    """The colour blended towards white for smaller models (rank 0 of n is the lightest)."""
+    if n <= 1:
+        return to_rgb(color)
+    k = 0.45 + 0.55 * rank / (n - 1)  # 45% .. 100% of the full colour
+    return tuple(1 - k * (1 - c) for c in to_rgb(color))  # type: ignore[return-value]
+
+
+class _Layout:
+    """Labels of a study's runs: size name and order, series, colour and style per run."""
+
+    def __init__(self, data: CollectResult) -> None:
+        runs = data.runs
+        self.runs = runs
+        self.size = size_labels(runs, data.axes)
+        self.sizes = size_order(runs, self.size)
+        self.series = series_labels(runs, data.axes)
+        self.routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
+        order = {r: i for i, r in enumerate(ROUTING_COLORS)}
+        self.series_order = sorted(
+            self.series.unique(), key=lambda s: (order.get(self._routing_of(s), 9), str(s))
+        )
+
+    def _routing_of(self, series: str) -> str:
+        return str(self.routing[self.series == series].iloc[0])
+
+    def color(self, series: str) -> str:
+        return routing_color(self._routing_of(series))
+
+    def linestyle(self, series: str) -> str:
+        r = self._routing_of(series)
+        same = [s for s in self.series_order if self._routing_of(s) == r]
+        return SERIES_STYLES[same.index(series) % len(SERIES_STYLES)]
+
+    def label(self, series: str) -> str:
+        r = self._routing_of(series)
+        return routing_name(r) + series[len(r) :] if series.startswith(r) else str(series)
+
+    def marker(self, size: str) -> str:
+        return SIZE_MARKERS[self.sizes.index(size) % len(SIZE_MARKERS)] if size in self.sizes else "o"
+
+    def sized_color(self, series: str, size: str) -> tuple[float, float, float]:
+        rank = self.sizes.index(size) if size in self.sizes else len(self.sizes) - 1
+        return shade(self.color(series), rank, len(self.sizes))
+
+    def series_legend(self, series: list[str] | None = None) -> list[Line2D]:
+        return [
+            Line2D([], [], color=self.color(s), ls=self.linestyle(s), lw=2, label=self.label(s))
+            for s in (series or self.series_order)
+        ]
+
+    def size_legend(self) -> list[Line2D]:
+        return [
+            Line2D([], [], color="0.35", marker=self.marker(s), ls="", label=f"size {s}") for s in self.sizes
+        ]
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.3, ncols: int = 3) -> tuple[Figure, list[Any]]:
+    ncols = min(ncols, max(n, 1))
+    nrows = math.ceil(max(n, 1) / ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.9), squeeze=False)
+    flat = list(axs.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _finish(fig: Figure, title: str, handles: list[Line2D], note: str = "") -> Figure:
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), bbox_to_anchor=(0.5, 0.0))
+    if note:
+        fig.text(0.01, 0.995, note, ha="left", va="top", fontsize=7.5, color="0.35")
+    rows = math.ceil(len(handles) / 5) if handles else 0
+    fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, 0.95))
+    return fig
+
+
+def _status_suffix(row: pd.Series) -> str:
+    if row["status"] == "done":
+        return ""
+    step = row.get("step")
+    at = f" at step {int(step)}" if isinstance(step, (int, float)) and math.isfinite(step) else ""
+    return f" ({row['status']}{at})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curves
+
+
+def loss_curves(data: CollectResult, x: str = "step") -> Figure:
+    """Training (thin) and validation (markers) loss against steps or training FLOPs, one panel
+    per model size, colour = routing. Runs that are not done are drawn dashed-thin and named."""
+    lay = _Layout(data)
+    curves = data.curves
+    fig, axes = _grid(len(lay.sizes))
+    wanted = curves[curves["metric"].isin(["train_loss", "val_loss"])]
+    by_run = dict(tuple(wanted.groupby("run_id", sort=False)))
+    notes = []
+    for ax, size in zip(axes, lay.sizes):
+        drawn = False
+        for i in lay.runs.index[lay.size == size]:
+            row = lay.runs.loc[i]
+            c = by_run.get(row["run_id"])
+            if c is None or c.empty:
+                continue
+            s = lay.series[i]
+            color, ls = lay.color(s), lay.linestyle(s)
+            done = row["status"] == "done"
+            tr = c[c["metric"] == "train_loss"].sort_values(x)
+            va = c[c["metric"] == "val_loss"].sort_values(x)
+            ax.plot(tr[x], tr["value"], color=color, ls=ls, lw=0.8, alpha=0.35)
+            ax.plot(va[x], va["value"], color=color, ls=ls if done else ":", lw=1.6, marker="o", ms=3)
+            if not done:
+                notes.append(f"{row['run_id']}{_status_suffix(row)}")
+            drawn = True
+        ax.set_title(f"size {size}")
+        ax.set_yscale("log")
+        if x != "step":
+            ax.set_xscale("log")
+        ax.set_xlabel(X_LABELS.get(x, x))
+        ax.set_ylabel("loss (MSE of velocity)")
+        if not drawn:
+            ax.text(0.5, 0.5, "no logged metrics yet", ha="center", va="center", transform=ax.transAxes)
+    handles = lay.series_legend() + [
+        Line2D([], [], color="0.3", lw=0.8, alpha=0.5, label="training loss"),
+        Line2D([], [], color="0.3", lw=1.6, marker="o", ms=3, label="validation loss"),
+        Line2D([], [], color="0.3", lw=1.6, ls=":", marker="o", ms=3, label="not finished"),
+    ]
+    what = "steps" if x == "step" else "training FLOPs"
+    note = ("not finished: " + ", ".join(notes)) if notes else ""
+    return _finish(fig, f"Training and validation loss vs {what}", handles, note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling laws
+
+
+def _fmt_law(fit: Any, unit: str) -> str:
+    return f"L = {fit.E:.3g} + {fit.A:.3g}·{unit}$^{{-{fit.alpha:.3g}}}$"
+
+
+def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
+    """Final validation loss of done runs against `x` (params_active or train_flops), log axes,
+    with each series' fitted saturating power law and its bootstrap 95% band.
+
+    `fits` maps a series label to a `fit.PowerLawFit`, or to a string saying why there is none.
+    """
+    from ecdit_cli.fit import FitError, predict, prediction_band
+
+    lay = _Layout(data)
+    runs = lay.runs
+    done = runs[(runs["status"] == "done") & runs["final_val_loss"].notna() & runs[x].gt(0)]
+    fig, ax = plt.subplots(figsize=(7.2, 5.2))
+    reasons = []
+    for s in lay.series_order:
+        pts = done[lay.series[done.index] == s]
+        color = lay.color(s)
+        for i in pts.index:
+            sz = lay.size[i]
+            ax.scatter(pts.at[i, x], pts.at[i, "final_val_loss"], color=color, marker=lay.marker(sz), s=42,
+                       edgecolor="white", linewidth=0.6, zorder=3)
+        fit = fits.get(s)
+        if fit is None or isinstance(fit, str) or pts.empty:
+            if len(pts):
+                reasons.append(f"{lay.label(s)}: {fit or 'not fitted'}")
+            continue
+        grid = np.geomspace(pts[x].min() / 1.6, pts[x].max() * 1.6, 120)
+        ax.plot(grid, predict(fit, grid), color=color, ls=lay.linestyle(s), lw=1.6,
+                label=f"{lay.label(s)}: {_fmt_law(fit, 'N' if x.startswith('params') else 'C')}")
+        try:
+            lo, hi = prediction_band(fit, grid)
+            ax.fill_between(grid, lo, hi, color=color, alpha=0.15, lw=0)
+        except FitError:
+            reasons.append(f"{lay.label(s)}: no bootstrap band (no bootstrap refits)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)"))
+    ax.set_ylabel("final " + LOSS_LABEL + " (log scale)")
+    what = "activated parameters" if x == "params_active" else "training FLOPs"
+    ax.set_title(f"Final validation loss vs {what}: fitted L = E + A·X^-α, shaded 95% bootstrap band",
+                 fontsize=10)
+    if done.empty:
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color=lay.color(s), marker="o", ls="", label=lay.label(s) + " (runs)")
+                for s in lay.series_order if s not in fits or isinstance(fits.get(s), str)]
+    handles += lay.size_legend()
+    ax.legend(handles=handles, loc="upper right", fontsize=7.5)
+    if reasons:
+        ax.text(0.01, 0.01, "no fit — " + "; ".join(reasons), transform=ax.transAxes, fontsize=7.5,
+                va="bottom", ha="left", color="0.3", wrap=True)
+    not_done = int((runs["status"] != "done").sum())
+    if not_done:
+        ax.text(0.01, 0.99, f"{not_done} run(s) not done are not shown", transform=ax.transAxes, fontsize=7.5,
+                va="top", color="0.3")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-timestep loss
+
+
+def timestep_loss(data: CollectResult) -> Figure:
+    """Final validation loss at each fixed timestep t, one panel per size, colour = routing."""
+    lay = _Layout(data)
+    runs = lay.runs
+    kcols = sorted((c for c in runs.columns if c.startswith("final_val_loss_t")), key=lambda c: int(c[16:]))
+    fig, axes = _grid(len(lay.sizes))
+    for ax, size in zip(axes, lay.sizes):
+        drawn = False
+        for i in runs.index[lay.size == size]:
+            row = runs.loc[i]
+            y = row[kcols].to_numpy(dtype=float) if kcols else np.array([])
+            t = np.array([row.get(f"val_t{k}", np.nan) for k in range(len(kcols))], dtype=float)
+            if np.isnan(t).all():
+                t = (np.arange(len(kcols)) + 0.5) / max(len(kcols), 1)
+            ok = np.isfinite(y) & np.isfinite(t)
+            if not ok.any():
+                continue
+            s = lay.series[i]
+            done = row["status"] == "done"
+            ax.plot(t[ok], y[ok], color=lay.color(s), ls=lay.linestyle(s) if done else ":", marker="o", ms=3.5,
+                    lw=1.5, label=lay.label(s) + _status_suffix(row))
+            drawn = True
+        ax.set_title(f"size {size}")
+        ax.set_xlabel("timestep t (0 = data, 1 = noise)")
+        ax.set_ylabel(LOSS_LABEL)
+        ax.set_yscale("log")
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
+    return _finish(fig, "Final validation loss per timestep (latest values for runs not done)", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing statistics
+
+
+def _metric_panel(ax: Any, lay: _Layout, curves: pd.DataFrame, routing: str, metric: str,
+                  scale: float = 1.0, std: str | None = None) -> bool:
+    drawn = False
+    for i in lay.runs.index[lay.routing == routing]:
+        row = lay.runs.loc[i]
+        c = curves[(curves["run_id"] == row["run_id"]) & (curves["metric"] == metric)].sort_values("step")
+        if c.empty:
+            continue
+        s, size = lay.series[i], lay.size[i]
+        color = lay.sized_color(s, size)
+        ax.plot(c["step"], c["value"] * scale, color=color, ls=lay.linestyle(s), lw=1.4, marker=lay.marker(size),
+                markevery=max(1, len(c) // 6), ms=4, label=f"size {size}" + series_suffix(lay, s)
+                + _status_suffix(row))
+        if std is not None:
+            sd = curves[(curves["run_id"] == row["run_id"]) & (curves["metric"] == std)].sort_values("step")
+            if len(sd) == len(c):
+                m, v = c["value"].to_numpy() * scale, sd["value"].to_numpy() * scale
+                ax.fill_between(c["step"], m - v, m + v, color=color, alpha=0.15, lw=0)
+        drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, f"no {routing_name(routing).lower()} runs with this metric", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+    else:
+        ax.legend(fontsize=7)
+    ax.set_xlabel(X_LABELS["step"])
+    return drawn
+
+
+def series_suffix(lay: _Layout, series: str) -> str:
+    r = lay._routing_of(series)
+    return series[len(r) :] if series.startswith(r) else ""
+
+
+def routing_stats(data: CollectResult) -> Figure:
+    """EC experts per token (mean ± std) and share of tokens no expert picked; TC share of
+    dropped tokens and load imbalance; over training, shade/marker = size."""
+    lay = _Layout(data)
+    fig, axs = plt.subplots(2, 2, figsize=(11, 7.4), squeeze=False)
+    (a, b), (c, d) = axs
+    curves = data.curves
+    _metric_panel(a, lay, curves, "expert_choice", "ec_experts_per_token_mean", std="ec_experts_per_token_std")
+    a.set_title("EC: experts per token (mean ± std over tokens)")
+    a.set_ylabel("experts per token")
+    _metric_panel(b, lay, curves, "expert_choice", "ec_unrouted_frac", scale=100)
+    b.set_title("EC: tokens picked by no expert")
+    b.set_ylabel("share of image tokens (%)")
+    _metric_panel(c, lay, curves, "token_choice", "tc_dropped_frac", scale=100)
+    c.set_title("TC: token-expert assignments dropped by capacity")
+    c.set_ylabel("share dropped (%)")
+    _metric_panel(d, lay, curves, "token_choice", "tc_load_imbalance")
+    d.set_title("TC: load imbalance before capacity")
+    d.set_ylabel("max expert load / mean load")
+    d.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    return _finish(fig, "Routing statistics over training (averaged over MoE layers)", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation scores
+
+
+def eval_scores(data: CollectResult) -> Figure | None:
+    """GenEval-style scores (%) per task, one panel per size, bars coloured by routing; None
+    when no run has an eval.json."""
+    lay = _Layout(data)
+    runs = lay.runs
+    if "eval_overall" not in runs or runs["eval_overall"].notna().sum() == 0:
+        return None
+    tasks = [t for t in EVAL_TASKS if f"eval_{t}" in runs]
+    has = runs["eval_overall"].notna()
+    sizes = [s for s in lay.sizes if (has & (lay.size == s)).any()]
+    fig, axes = _grid(len(sizes), width=5.2, height=3.4, ncols=2)
+    for ax, size in zip(axes, sizes):
+        idx = list(runs.index[has & (lay.size == size)])
+        idx.sort(key=lambda i: lay.series_order.index(lay.series[i]))
+        width = 0.8 / len(idx)
+        for j, i in enumerate(idx):
+            vals = [100 * runs.at[i, f"eval_{t}"] for t in tasks]
+            xs = np.arange(len(tasks)) - 0.4 + width * (j + 0.5)
+            s = lay.series[i]
+            ax.bar(xs, vals, width=width, color=lay.color(s), hatch=["", "//", "..", "xx"][
+                SERIES_STYLES.index(lay.linestyle(s))], edgecolor="white", lw=0.4, label=lay.label(s))
+        ax.set_xticks(np.arange(len(tasks)))
+        ax.set_xticklabels([t.replace("_", " ") for t in tasks], rotation=30, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("images correct (%)")
+        ax.set_title(f"size {size}")
+        ax.grid(axis="x", visible=False)
+    return _finish(fig, "GenEval-style scores (overall = unweighted mean of the six tasks)",
+                   lay.series_legend([s for s in lay.series_order if (has & (lay.series == s)).any()]))
+
+
+# ---------------------------------------------------------------------------------------------
+# All figures, and saving
+
+
+def make_figures(data: CollectResult, fits: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Figure]:
+    """Every figure that has something to show, by file stem (see FIGURES).
+
+    `fits` maps "params_active" / "train_flops" to the per-series fits given to `scaling`.
+    """
+    fits = fits or {}
+    figs: dict[str, Figure] = {
+        "loss_vs_steps": loss_curves(data, "step"),
+        "loss_vs_flops": loss_curves(data, "flops"),
+        "scaling_params": scaling(data, "params_active", fits.get("params_active", {})),
+        "scaling_flops": scaling(data, "train_flops", fits.get("train_flops", {})),
+        "loss_vs_timestep": timestep_loss(data),
+    }
+    routings = set(data.runs["routing"].astype(str)) if "routing" in data.runs else set()
+    if routings & {"expert_choice", "token_choice"}:
+        figs["routing_stats"] = routing_stats(data)
+    ev = eval_scores(data)
+    if ev is not None:
+        figs["eval_scores"] = ev
+    return figs
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, plots_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Write `stem`.png and `stem`.svg atomically; returns {"png": path, "svg": path}."""
+    out = {}
+    for fmt in ("png", "svg"):
+        path = Path(plots_dir) / f"{stem}.{fmt}"
+        atomic_write_bytes(path, figure_bytes(fig, fmt))
+        out[fmt] = path
+    return out

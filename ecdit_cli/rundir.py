@@ -1,0 +1,121 @@
+"""The run directory and the study directory: the file layout every command agrees on.
+
+Run directory (written by `ecdit train`, read by collect/plot/sample/eval/analyze):
+
+    config.yaml       the fully resolved RunConfig (format_version inside)
+    metrics.jsonl     one JSON object per line; "kind" is "train" or "val" (fields below)
+    summary.json      written atomically, last: status, final losses, steps, wall time, counts
+    checkpoints/      DeepSpeed checkpoints (`latest` pointer written atomically)
+    final/model.pt    consolidated weights (model + EMA + tokenizer vocabulary + config), no DeepSpeed needed
+    train.log         plain-text log of the run
+    .lock             held while a trainer works on the directory
+
+Study directory (written by `ecdit sweep`):
+
+    study.yaml        the spec as given
+    manifest.csv      one row per point: run_id, every axis, params/FLOPs accounting
+    runs/<run_id>/    one run directory per point (config.yaml written by the sweep)
+    launch.sh         optional: one DeepSpeed launcher command per point
+    runs.csv, curves.csv, plots/, report.md, report.html   (written by collect / plot)
+
+metrics.jsonl train records: step, images_seen, flops (cumulative training FLOPs, 3x forward),
+train_loss (diffusion MSE), loss (total optimised: MSE + weighted aux terms), aux_loss, z_loss,
+lr, grad_norm, images_per_s, wall_time_s, and routing statistics averaged over MoE layers:
+ec_experts_per_token_mean/std/max, ec_unrouted_frac (expert choice); tc_dropped_frac,
+tc_load_imbalance (token choice: max expert load / mean load, before capacity).
+val records: step, images_seen, flops, val_loss, val_loss_t0..val_loss_t{K-1}, val_t (the K
+fixed timesteps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ecdit_cli.errors import EcditError
+from ecdit_cli.utils import read_json, read_jsonl
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+FINAL_WEIGHTS = "final/model.pt"
+LOG = "train.log"
+LOCK = ".lock"
+EVAL = "eval.json"
+
+STUDY_SPEC = "study.yaml"
+MANIFEST = "manifest.csv"
+RUNS = "runs"
+LAUNCH_SCRIPT = "launch.sh"
+
+# Status values in summary.json. A run dir with a config but no summary is "pending".
+STATUSES = ("pending", "running", "done", "failed", "interrupted")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def is_study_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def run_dirs(study: str | Path) -> list[Path]:
+    """Run directories of a study, in manifest order when it exists, else sorted by name."""
+    study = Path(study)
+    root = study / RUNS
+    if not root.is_dir():
+        return []
+    found = {p.name: p for p in root.iterdir() if is_run_dir(p)}
+    manifest = study / MANIFEST
+    if manifest.is_file():
+        import csv
+
+        with open(manifest, newline="") as f:
+            order = [row["run_id"] for row in csv.DictReader(f) if row.get("run_id")]
+        ordered = [found.pop(r) for r in order if r in found]
+        return ordered + [found[k] for k in sorted(found)]
+    return [found[k] for k in sorted(found)]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """summary.json, or None when the run has not written one yet (pending or first start)."""
+    p = Path(run_dir) / SUMMARY
+    if not p.exists():
+        return None
+    return read_json(p, what="run summary")
+
+
+def run_status(run_dir: str | Path) -> str:
+    summary = read_summary(run_dir)
+    if summary is None:
+        return "pending"
+    status = summary.get("status", "pending")
+    if status == "running" and not lock_is_held(run_dir):
+        # A trainer that was killed (-9, power loss) cannot update its summary: it is resumable.
+        return "interrupted"
+    return status
+
+
+def lock_is_held(run_dir: str | Path) -> bool:
+    from ecdit_cli.train.lock import RunLock
+
+    return RunLock(Path(run_dir) / LOCK).is_held()
+
+
+def read_metrics(run_dir: str | Path, warnings: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train records, val records) of a run; corrupt or truncated lines are skipped (warned)."""
+    train, val = [], []
+    for rec in read_jsonl(Path(run_dir) / METRICS, warnings=warnings):
+        (val if rec.get("kind") == "val" else train).append(rec)
+    return train, val
+
+
+def require_dir(path: str | Path, what: str = "directory") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise EcditError(f"{what} not found: {p}")
+    if not p.is_dir():
+        raise EcditError(f"{what} is not a directory: {p}")
+    return p
