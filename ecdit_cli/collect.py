@@ -436,6 +436,17 @@ def series_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
     return labels
 
 
+ROUTING_ORDER = ("dense", "token_choice", "expert_choice")
+
+
+def series_order(runs: pd.DataFrame, series: pd.Series) -> list[str]:
+    """Series labels: dense, then token choice, then expert choice, then others; by name within."""
+    routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
+    first = {s: routing[series == s].iloc[0] for s in series.unique()}
+    rank = {r: i for i, r in enumerate(ROUTING_ORDER)}
+    return sorted(first, key=lambda s: (rank.get(first[s], len(rank)), str(s)))
+
+
 def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or v == ""
 

@@ -25,8 +25,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-from ecdit_cli.collect import CollectResult, series_labels, size_labels, size_order  # noqa: E402
+from ecdit_cli.collect import CollectResult, series_labels, series_order, size_labels, size_order  # noqa: E402
 from ecdit_cli.utils import atomic_write_bytes  # noqa: E402
 
 ROUTING_COLORS = {"dense": "#3a3a3a", "token_choice": "#1f6fb4", "expert_choice": "#e0541b"}
@@ -51,6 +52,7 @@ plt.rcParams.update({
     "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.25,
     "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "font.size": 9,
     "svg.hashsalt": "ecdit",  # deterministic SVG ids
+    "svg.fonttype": "none",  # text stays text in SVGs: smaller, editable, faster to write
 })  # fmt: skip
 
 
@@ -72,6 +74,32 @@ def shade(color: str, rank: int, n: int) -> tuple[float, float, float]:
     return tuple(1 - k * (1 - c) for c in to_rgb(color))  # type: ignore[return-value]
 
 
+def si(value: float) -> str:
+    """1.5e9 -> '1.5G': compact tick labels for parameters and FLOPs."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    for exp, suffix in ((18, "E"), (15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k")):
+        if abs(value) >= 10**exp:
+            return f"{value / 10**exp:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def tidy_log_axis(ax: Any, which: str) -> None:
+    """Readable ticks on a log axis: plain/SI labels, and enough of them on a narrow range."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    if not (lo > 0 and hi > lo):
+        return
+    decades = math.log10(hi / lo)
+    if decades < 1.0:
+        ticks = [t for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+        axis.set_major_locator(FixedLocator(ticks))
+    else:
+        axis.set_major_locator(LogLocator(10, subs=(1.0, 2.0, 5.0) if decades < 3 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: si(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
 class _Layout:
     """Labels of a study's runs: size name and order, series, colour and style per run."""
 
@@ -82,10 +110,7 @@ class _Layout:
         self.sizes = size_order(runs, self.size)
         self.series = series_labels(runs, data.axes)
         self.routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
-        order = {r: i for i, r in enumerate(ROUTING_COLORS)}
-        self.series_order = sorted(
-            self.series.unique(), key=lambda s: (order.get(self._routing_of(s), 9), str(s))
-        )
+        self.series_order = series_order(runs, self.series)
 
     def _routing_of(self, series: str) -> str:
         return str(self.routing[self.series == series].iloc[0])
@@ -132,13 +157,13 @@ def _grid(n: int, width: float = 4.2, height: float = 3.3, ncols: int = 3) -> tu
 
 
 def _finish(fig: Figure, title: str, handles: list[Line2D], note: str = "") -> Figure:
-    fig.suptitle(title, fontsize=11, fontweight="bold")
+    fig.suptitle(title, fontsize=11, fontweight="bold", y=0.995)
+    if note:
+        fig.text(0.5, 0.955, note, ha="center", va="top", fontsize=7.5, color="0.35", wrap=True)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), bbox_to_anchor=(0.5, 0.0))
-    if note:
-        fig.text(0.01, 0.995, note, ha="left", va="top", fontsize=7.5, color="0.35")
     rows = math.ceil(len(handles) / 5) if handles else 0
-    fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, 0.93 if note else 0.95))
     return fig
 
 
@@ -159,12 +184,14 @@ def loss_curves(data: CollectResult, x: str = "step") -> Figure:
     per model size, colour = routing. Runs that are not done are drawn dashed-thin and named."""
     lay = _Layout(data)
     curves = data.curves
-    fig, axes = _grid(len(lay.sizes))
     wanted = curves[curves["metric"].isin(["train_loss", "val_loss"])]
     by_run = dict(tuple(wanted.groupby("run_id", sort=False)))
+    logged = lay.runs["run_id"].isin(by_run)
+    sizes = [s for s in lay.sizes if (logged & (lay.size == s)).any()]
+    empty = [s for s in lay.sizes if s not in sizes]
+    fig, axes = _grid(len(sizes))
     notes = []
-    for ax, size in zip(axes, lay.sizes):
-        drawn = False
+    for ax, size in zip(axes, sizes, strict=True):
         for i in lay.runs.index[lay.size == size]:
             row = lay.runs.loc[i]
             c = by_run.get(row["run_id"])
@@ -179,15 +206,14 @@ def loss_curves(data: CollectResult, x: str = "step") -> Figure:
             ax.plot(va[x], va["value"], color=color, ls=ls if done else ":", lw=1.6, marker="o", ms=3)
             if not done:
                 notes.append(f"{row['run_id']}{_status_suffix(row)}")
-            drawn = True
         ax.set_title(f"size {size}")
         ax.set_yscale("log")
+        tidy_log_axis(ax, "y")
         if x != "step":
             ax.set_xscale("log")
-        ax.set_xlabel(X_LABELS.get(x, x))
-        ax.set_ylabel("loss (MSE of velocity)")
-        if not drawn:
-            ax.text(0.5, 0.5, "no logged metrics yet", ha="center", va="center", transform=ax.transAxes)
+            tidy_log_axis(ax, "x")
+        ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)" if x != "step" else ""))
+        ax.set_ylabel("loss (MSE of velocity, log scale)")
     handles = lay.series_legend() + [
         Line2D([], [], color="0.3", lw=0.8, alpha=0.5, label="training loss"),
         Line2D([], [], color="0.3", lw=1.6, marker="o", ms=3, label="validation loss"),
@@ -195,6 +221,8 @@ def loss_curves(data: CollectResult, x: str = "step") -> Figure:
     ]
     what = "steps" if x == "step" else "training FLOPs"
     note = ("not finished: " + ", ".join(notes)) if notes else ""
+    if empty:
+        note += ("; " if note else "") + "no metrics yet for size " + ", ".join(map(str, empty))
     return _finish(fig, f"Training and validation loss vs {what}", handles, note)
 
 
@@ -241,17 +269,20 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
             reasons.append(f"{lay.label(s)}: no bootstrap band (no bootstrap refits)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)"))
+    if not done.empty:
+        tidy_log_axis(ax, "x")
+        tidy_log_axis(ax, "y")
+    ax.set_xlabel(X_LABELS.get(x, x) + " (log scale)")
     ax.set_ylabel("final " + LOSS_LABEL + " (log scale)")
     what = "activated parameters" if x == "params_active" else "training FLOPs"
-    ax.set_title(f"Final validation loss vs {what}: fitted L = E + A·X^-α, shaded 95% bootstrap band",
-                 fontsize=10)
+    ax.set_title(f"Final validation loss vs {what}\nlines: fitted $L = E + A\\,X^{{-\\alpha}}$ per routing; "
+                 "shading: bootstrap 95% band", fontsize=10)
     if done.empty:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
     handles, _ = ax.get_legend_handles_labels()
     handles += [Line2D([], [], color=lay.color(s), marker="o", ls="", label=lay.label(s) + " (runs)")
                 for s in lay.series_order if s not in fits or isinstance(fits.get(s), str)]
-    handles += lay.size_legend()
+    handles += [h for h in lay.size_legend() if h.get_label()[5:] in set(lay.size[done.index])]
     ax.legend(handles=handles, loc="upper right", fontsize=7.5)
     if reasons:
         ax.text(0.01, 0.01, "no fit — " + "; ".join(reasons), transform=ax.transAxes, fontsize=7.5,
@@ -273,32 +304,31 @@ def timestep_loss(data: CollectResult) -> Figure:
     lay = _Layout(data)
     runs = lay.runs
     kcols = sorted((c for c in runs.columns if c.startswith("final_val_loss_t")), key=lambda c: int(c[16:]))
-    fig, axes = _grid(len(lay.sizes))
-    for ax, size in zip(axes, lay.sizes):
-        drawn = False
-        for i in runs.index[lay.size == size]:
+    has = runs[kcols].notna().any(axis=1) if kcols else pd.Series(False, index=runs.index)
+    sizes = [s for s in lay.sizes if (has & (lay.size == s)).any()]
+    fig, axes = _grid(len(sizes))
+    for ax, size in zip(axes, sizes, strict=True):
+        for i in runs.index[has & (lay.size == size)]:
             row = runs.loc[i]
             y = row[kcols].to_numpy(dtype=float) if kcols else np.array([])
             t = np.array([row.get(f"val_t{k}", np.nan) for k in range(len(kcols))], dtype=float)
             if np.isnan(t).all():
                 t = (np.arange(len(kcols)) + 0.5) / max(len(kcols), 1)
             ok = np.isfinite(y) & np.isfinite(t)
-            if not ok.any():
-                continue
             s = lay.series[i]
             done = row["status"] == "done"
             ax.plot(t[ok], y[ok], color=lay.color(s), ls=lay.linestyle(s) if done else ":", marker="o", ms=3.5,
                     lw=1.5, label=lay.label(s) + _status_suffix(row))
-            drawn = True
         ax.set_title(f"size {size}")
         ax.set_xlabel("timestep t (0 = data, 1 = noise)")
         ax.set_ylabel(LOSS_LABEL)
-        ax.set_yscale("log")
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
-    return _finish(fig, "Final validation loss per timestep (latest values for runs not done)", [])
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize=7)
+    if not sizes:
+        axes = [fig.add_subplot(111)]
+        axes[0].text(0.5, 0.5, "no validation records yet", ha="center", va="center")
+        axes[0].set_axis_off()
+    return _finish(fig, "Final validation loss per timestep (dotted: latest values of runs not done)", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +406,7 @@ def eval_scores(data: CollectResult) -> Figure | None:
     has = runs["eval_overall"].notna()
     sizes = [s for s in lay.sizes if (has & (lay.size == s)).any()]
     fig, axes = _grid(len(sizes), width=5.2, height=3.4, ncols=2)
-    for ax, size in zip(axes, sizes):
+    for ax, size in zip(axes, sizes, strict=True):
         idx = list(runs.index[has & (lay.size == size)])
         idx.sort(key=lambda i: lay.series_order.index(lay.series[i]))
         width = 0.8 / len(idx)
@@ -424,7 +454,7 @@ def make_figures(data: CollectResult, fits: Mapping[str, Mapping[str, Any]] | No
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+    fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     return buf.getvalue()
 
 

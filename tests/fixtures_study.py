@@ -112,15 +112,16 @@ def _records(size: str, routing: str, last_step: int, rng: np.random.Generator, 
             "lr": 1e-3 * min(1.0, step / 50), "grad_norm": 1.0 / math.sqrt(step),
             "images_per_s": 900.0 * 64 / SIZES[size][0], "wall_time_s": step * 0.05,
         }  # fmt: skip
+        big = SIZES[size][0] / 64  # larger models route more unevenly
         if routing == "expert_choice":
             rec.update(
                 ec_experts_per_token_mean=2.0,
-                ec_experts_per_token_std=0.4 + 0.6 * frac,
-                ec_experts_per_token_max=4.0 + 3.0 * frac,
-                ec_unrouted_frac=0.12 - 0.06 * frac,
+                ec_experts_per_token_std=0.3 + 0.2 * big * frac,
+                ec_experts_per_token_max=4.0 + 1.0 * big * frac,
+                ec_unrouted_frac=0.04 + 0.02 * big * frac,
             )
         elif routing == "token_choice":
-            rec.update(tc_dropped_frac=0.10 * (1 - frac) + 0.02, tc_load_imbalance=2.0 - 0.7 * frac)
+            rec.update(tc_dropped_frac=0.08 * (1 - frac) + 0.01 * big, tc_load_imbalance=1.8 - 0.5 * frac + 0.1 * big)
             rec["aux_loss"] = 1.0 + 0.1 * (1 - frac)
             rec["loss"] = train + 0.01 * rec["aux_loss"]
         out.append(rec)

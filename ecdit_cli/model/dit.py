@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecdit_cli.config import RunConfig
-from ecdit_cli.model.moe import FeedForward, MoEFeedForward
+from ecdit_cli.model.moe import FeedForward, MoEFeedForward, hash_seed
 from ecdit_cli.model.routing import RoutingResult
 
 
@@ -124,9 +124,10 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """self-attn (adaLN-Zero) -> cross-attn (zero-init out proj) -> FFN or MoE (adaLN-Zero)."""
 
-    def __init__(self, cfg: RunConfig, index: int) -> None:
+    def __init__(self, cfg: RunConfig, index: int, ep_rank: int = 0) -> None:
         super().__init__()
         m, moe = cfg.model, cfg.moe
+        self.index = index
         D = m.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(D, m.num_heads, m.num_kv_heads)
@@ -140,7 +141,7 @@ class DiTBlock(nn.Module):
             self.mlp = MoEFeedForward(
                 D, m.mlp_hidden, moe.num_experts, moe.routing, moe.capacity_factor, moe.top_k,
                 moe.group_size or m.tokens_per_image, moe.normalize_top_k, moe.ep_size,
-                moe.deepspeed_layer, moe.force_balanced,
+                moe.deepspeed_layer, moe.force_balanced, ep_rank,
             )
         else:
             hidden = m.mlp_hidden if moe.is_moe else int(round(m.mlp_hidden * moe.dense_width_mult))
@@ -182,7 +183,9 @@ class DiTOutput:
 class DiT(nn.Module):
     """Text-conditioned DiT predicting the rectified-flow velocity."""
 
-    def __init__(self, cfg: RunConfig, text_width: int | None = None) -> None:
+    def __init__(self, cfg: RunConfig, text_width: int | None = None, ep_rank: int = 0) -> None:
+        """`ep_rank`: this process's expert-parallel rank; it holds experts
+        [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size)."""
         super().__init__()
         m = cfg.model
         self.cfg = cfg
@@ -194,7 +197,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = CaptionProjection(text_width or cfg.text.width, D)
         self.register_buffer("pos_embed", torch.zeros(1, self.grid**2, D), persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(m.depth)])
+        self.blocks = nn.ModuleList([DiTBlock(cfg, i, ep_rank) for i in range(m.depth)])
         self.final_layer = FinalLayer(D, m.patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -225,7 +228,7 @@ class DiT(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
             if block.is_moe:
-                block.mlp.experts.reset_parameters()
+                block.mlp.experts.reset_parameters(seed=hash_seed(self.cfg.train.seed, block.index))
                 # Small router init: near-uniform affinities without exact ties (ties would make
                 # every expert choose the same tokens at step 0).
                 nn.init.normal_(block.mlp.router.wg.weight, std=0.02)

@@ -24,6 +24,13 @@ from torch import Tensor, nn
 from ecdit_cli.model.routing import RoutingResult, expert_choice, slots_to_routes, token_choice
 
 
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence), stable across runs and hosts."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
 def _import_deepspeed_moe():
     # DeepSpeed logs its accelerator choice at import; keep our CLI output clean.
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -59,9 +66,11 @@ class GroupedExperts(nn.Module):
     so the engine reduces them over the expert-data-parallel group only.
     """
 
-    def __init__(self, num_local_experts: int, hidden_size: int, mlp_hidden: int, group_name: str) -> None:
+    def __init__(self, num_local_experts: int, hidden_size: int, mlp_hidden: int, group_name: str,
+                 expert_offset: int = 0) -> None:
         super().__init__()
         El, D, Fh = num_local_experts, hidden_size, mlp_hidden
+        self.expert_offset = expert_offset  # global id of local expert 0 (ep_rank * El)
         self.w1 = nn.Parameter(torch.empty(El, D, Fh))
         self.b1 = nn.Parameter(torch.zeros(El, Fh))
         self.w2 = nn.Parameter(torch.empty(El, Fh, D))
@@ -69,15 +78,31 @@ class GroupedExperts(nn.Module):
         for p in self.parameters():
             p.allreduce = False
             p.group_name = group_name
-        self.reset_parameters()
+        # One draw from the global RNG whatever El is, so that models with different ep_size
+        # consume the global RNG identically (DiT.initialize_weights re-seeds experts anyway).
+        self.reset_parameters(seed=int(torch.randint(0, 2**62, ())))
+        # DeepSpeed checkpoints experts one file per expert and finds them by the key pattern
+        # '...deepspeed_moe.experts.deepspeed_experts.<local id>.<name>' of its own Experts
+        # container: expose the stacked weights under that layout, and stack them back on load.
+        self.register_state_dict_post_hook(_split_experts_state)
+        self.register_load_state_dict_pre_hook(_stack_experts_state)
 
-    def reset_parameters(self) -> None:
-        # Xavier-uniform per expert, as nn.Linear gets in DiT.initialize_weights.
-        for w in (self.w1, self.w2):
-            bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
-            nn.init.uniform_(w, -bound, bound)
-        nn.init.zeros_(self.b1)
-        nn.init.zeros_(self.b2)
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Xavier-uniform per expert (as nn.Linear gets in DiT), zero biases.
+
+        With `seed`, expert e is drawn from its own generator seeded by (seed, global id), so
+        the weights of global expert e are the same whatever the expert-parallel layout.
+        """
+        for i in range(self.w1.shape[0]):
+            gen = None
+            if seed is not None:
+                gen = torch.Generator().manual_seed(hash_seed(seed, self.expert_offset + i))
+            for w in (self.w1, self.w2):
+                bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+                w[i].copy_(torch.rand(w.shape[1:], generator=gen) * (2 * bound) - bound)
+        self.b1.zero_()
+        self.b2.zero_()
 
     def ffn(self, x_ECD: Tensor) -> Tensor:
         h_ECF = torch.baddbmm(self.b1.unsqueeze(1), x_ECD, self.w1)
@@ -91,6 +116,23 @@ class GroupedExperts(nn.Module):
         ep, El, C, D = x.shape
         y = self.ffn(x.transpose(0, 1).reshape(El, ep * C, D))
         return y.reshape(El, ep, C, D).transpose(0, 1)
+
+
+_EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def _split_experts_state(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name in _EXPERT_PARAMS:
+        stacked = state_dict.pop(prefix + name)
+        for i in range(stacked.shape[0]):
+            state_dict[f"{prefix}deepspeed_experts.{i}.{name}"] = stacked[i]
+
+
+def _stack_experts_state(module: GroupedExperts, state_dict: dict, prefix: str, *args) -> None:
+    for name in _EXPERT_PARAMS:
+        keys = [f"{prefix}deepspeed_experts.{i}.{name}" for i in range(getattr(module, name).shape[0])]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
 
 class Router(nn.Module):
@@ -174,7 +216,8 @@ class MoEFeedForward(DeepSpeedMoE):
 
     def __init__(self, hidden_size: int, mlp_hidden: int, num_experts: int, routing: str,
                  capacity_factor: float, top_k: int, group_size: int, normalize_top_k: bool = True,
-                 ep_size: int = 1, use_deepspeed_layer: bool = False, force_balanced: bool = False) -> None:
+                 ep_size: int = 1, use_deepspeed_layer: bool = False, force_balanced: bool = False,
+                 ep_rank: int = 0) -> None:
         nn.Module.__init__(self)
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
@@ -184,7 +227,8 @@ class MoEFeedForward(DeepSpeedMoE):
         self.num_local_experts = num_experts // ep_size
         gate = Router(hidden_size, num_experts, routing, capacity_factor, top_k, group_size, normalize_top_k,
                       force_balanced)
-        experts = GroupedExperts(self.num_local_experts, hidden_size, mlp_hidden, self.expert_group_name)
+        experts = GroupedExperts(self.num_local_experts, hidden_size, mlp_hidden, self.expert_group_name,
+                                 expert_offset=ep_rank * self.num_local_experts)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
         self.use_deepspeed_layer = use_deepspeed_layer or ep_size > 1
 
