@@ -291,7 +291,9 @@ def collect(path: str | Path, write: bool = True) -> CollectResult:
         listed = {rid for rid, _ in points}
         points += [(name, {"run_id": name}) for name in dirs if name not in listed]
         if not points:
-            raise EcditError(f"study {root} has no runs: its manifest is empty and {root / rundir.RUNS} holds none")
+            raise EcditError(
+                f"study {root} has no runs: its manifest is empty and {root / rundir.RUNS} holds none"
+            )
     elif rundir.is_run_dir(root):
         is_study, axes, dirs = False, list(CONFIG_AXES), {root.name: root}
         points = [(root.name, {"run_id": root.name})]
@@ -424,7 +426,9 @@ def size_order(runs: pd.DataFrame, sizes: pd.Series) -> list[str]:
 def series_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
     """A label per run naming its curve family: the routing, plus any axis that varies within
     that routing other than size and seed (e.g. 'expert_choice E=16')."""
-    routing = runs["routing"].astype(str) if "routing" in runs else pd.Series(["run"] * len(runs), index=runs.index)
+    routing = (
+        runs["routing"].astype(str) if "routing" in runs else pd.Series(["run"] * len(runs), index=runs.index)
+    )
     other = [a for a in axes if a != "routing" and a not in SIZE_AXES and a not in REPLICATE_AXES]
     labels = routing.copy()
     for r, idx in routing.groupby(routing).groups.items():

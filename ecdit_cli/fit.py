@@ -57,7 +57,7 @@ class PowerLawFit:
     n_boot_ok: int  # ... and how many converged (the intervals come from these)
     warnings: list[str] = field(default_factory=list)
     group: Any = None
-    boot: np.ndarray | None = field(default=None, repr=False)  # (n_boot_ok, 3): E, A, alpha
+    boot: np.ndarray | None = field(default=None, repr=False, compare=False)  # (n_boot_ok, 3): E, A, alpha
 
     def to_dict(self) -> dict[str, Any]:
         return _fit_dict(self, ("E", "A", "alpha"))
@@ -81,7 +81,7 @@ class ChinchillaFit:
     n_boot_ok: int
     warnings: list[str] = field(default_factory=list)
     group: Any = None
-    boot: np.ndarray | None = field(default=None, repr=False)  # (n_boot_ok, 5): E, A, alpha, B, beta
+    boot: np.ndarray | None = field(default=None, repr=False, compare=False)  # (n_boot_ok, 5) like E..beta
 
     def to_dict(self) -> dict[str, Any]:
         return _fit_dict(self, ("E", "A", "alpha", "B", "beta"))
@@ -145,11 +145,12 @@ def _grid(logy: np.ndarray, m: int) -> np.ndarray:
     lmin, lmid = math.exp(logy.min()), math.exp(np.median(logy))
     alphas = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0) if m == 1 else (0.1, 0.25, 0.5, 0.8, 1.2)
     splits = [(1.0,)] if m == 1 else [(f, 1 - f) for f in (0.2, 0.5, 0.8)]
-    rows = []
-    for ef, split, als in itertools.product((0.01, 0.2, 0.5, 0.8, 0.95), splits, itertools.product(alphas, repeat=m)):
+    rows, e_fracs = [], (0.01, 0.2, 0.5, 0.8, 0.95)
+    for ef, split, als in itertools.product(e_fracs, splits, itertools.product(alphas, repeat=m)):
         # Each term starts at its share of the reducible loss at the geometric-mean X (z = 0).
         rest = max(lmid - ef * lmin, 1e-3 * lmid)
-        rows.append([math.log(ef * lmin)] + [v for f, al in zip(split, als, strict=True) for v in (math.log(f * rest), al)])
+        terms = [(math.log(f * rest), al) for f, al in zip(split, als, strict=True)]
+        rows.append([math.log(ef * lmin), *itertools.chain(*terms)])
     return np.array(rows)
 
 
@@ -210,16 +211,19 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
     n_distinct = [len(np.unique(x)) for x in Xs]
     # Each power term needs 3 distinct levels: 2 pin only a difference, not both A and alpha.
     if len(y) < n_par or min(n_distinct) < 3:
-        raise FitError(f"{where}need at least {n_par} points with 3 distinct values of each of {', '.join(xnames)} "
-                       f"to fit {', '.join(names)}; got {len(y)} points ({'/'.join(map(str, n_distinct))} distinct)")
+        raise FitError(f"{where}need at least {n_par} points with 3 distinct values of each of "
+                       f"{', '.join(xnames)} to fit {', '.join(names)}; got {len(y)} points "
+                       f"({'/'.join(map(str, n_distinct))} distinct)")
     logg = np.array([np.log(x).mean() for x in Xs])  # log geometric means
     Z, logy = np.column_stack([np.log(x) - lg for x, lg in zip(Xs, logg, strict=True)]), np.log(y)
     # Loose boxes: never binding on sane data, but keeping exp() finite; E above every loss is meaningless.
     bounds = [(logy.min() - 30, logy.max())] + [(logy.min() - 30, logy.max() + 30), alpha_bounds] * m
 
-    def user(th: np.ndarray) -> np.ndarray:  # A X^-alpha = exp(a) (X/g)^-alpha, so A = exp(a + alpha log g)
-        return np.array([math.exp(th[0])] + [v for j in range(m) for v in
-                                             (math.exp(th[1 + 2 * j] + th[2 + 2 * j] * logg[j]), th[2 + 2 * j])])
+    def user(th: np.ndarray) -> np.ndarray:
+        # A X^-alpha = exp(a) (X/g)^-alpha, so A = exp(a + alpha log g) in the user's units.
+        out = th.copy()
+        out[0], out[1::2] = math.exp(th[0]), np.exp(th[1::2] + th[2::2] * logg)
+        return out
 
     grid, rng, samples = _grid(logy, m), np.random.default_rng(seed), []
     with threadpool_limits(1, "blas") if threadpool_limits else contextlib.nullcontext():
@@ -232,7 +236,7 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
                 continue
             # A resample's optimum lies near the full-data one, so start there; the screened
             # grid is the fallback.
-            th, ok_b, _ = _minimise(Z[idx], logy[idx], [theta], bounds, huber_delta)
+            th, ok_b, _ = _minimise(Z[idx], logy[idx], [theta] if ok else [], bounds, huber_delta)
             if not ok_b:
                 starts = _screen(grid, Z[idx], logy[idx], huber_delta, keep=3)
                 th, ok_b, _ = _minimise(Z[idx], logy[idx], starts, bounds, huber_delta)
@@ -242,15 +246,15 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
     r = _lse_terms(theta, Z)[0] - logy
     ss_tot = float(((logy - logy.mean()) ** 2).sum())
     warns = [] if ok else [f"the fit did not converge ({msg}): do not trust this curve"]
-    for j in range(m):
-        if min(abs(theta[2 + 2 * j] - b) for b in alpha_bounds) < 1e-3:
-            warns.append(f"{names[2 + 2 * j]}={theta[2 + 2 * j]:.4g} is at its bound {alpha_bounds}: not trustworthy")
+    for name, al in zip(names[2::2], theta[2::2], strict=True):
+        if min(abs(al - b) for b in alpha_bounds) < 1e-3:
+            warns.append(f"{name}={al:.4g} is at its bound {alpha_bounds}: the fit is not trustworthy")
     if params[0] < 1e-3 * y.min():
         warns.append("E ~ 0: the data show no saturation, so E is unconstrained (a pure power law fits)")
     if n_boot and len(boot) < 0.8 * n_boot:
-        warns.append(f"only {len(boot)}/{n_boot} bootstrap refits succeeded: the intervals are rough")
+        warns.append(f"only {len(boot)}/{n_boot} bootstrap resamples gave a converged fit: rough intervals")
     if len(y) < n_par + 2:
-        warns.append(f"only {len(y)} points for {n_par} parameters: intervals and extrapolation are unreliable")
+        warns.append(f"only {len(y)} points for {n_par} parameters: intervals and extrapolation are rough")
     return dict(zip(names, map(float, params), strict=True)), dict(
         ci=dict(zip(names, _ci(boot, level), strict=True)), n=len(y), rmse_log=float(np.sqrt(np.mean(r**2))),
         r2_log=1 - float((r**2).sum()) / ss_tot if ss_tot > 0 else math.nan, converged=ok, n_boot=n_boot,
@@ -264,8 +268,9 @@ def fit_power_law(x, y, *, huber_delta: float = 1e-3, n_boot: int = 200, seed: i
                   alpha_bounds: tuple[float, float] = (0.0, 3.0), level: float = 0.95,
                   group: Any = None, strict: bool = True) -> PowerLawFit:
     """Fit L = E + A x^-alpha (robust, multi-start, bootstrap CIs); raises FitError on bad data."""
-    params, rest = _fit_lse([x], ["x"], y, ("E", "A", "alpha"), alpha_bounds=alpha_bounds, huber_delta=huber_delta,
-                            n_boot=n_boot, seed=seed, level=level, group=group, strict=strict)
+    params, rest = _fit_lse([x], ["x"], y, ("E", "A", "alpha"), alpha_bounds=alpha_bounds,
+                            huber_delta=huber_delta, n_boot=n_boot, seed=seed, level=level, group=group,
+                            strict=strict)
     return PowerLawFit(**params, **rest)
 
 
@@ -296,15 +301,16 @@ def fit_chinchilla(n, d, y, *, huber_delta: float = 1e-3, n_boot: int = 100, see
                    alpha_bounds: tuple[float, float] = (0.0, 3.0), level: float = 0.95,
                    group: Any = None, strict: bool = True) -> ChinchillaFit:
     """Fit L = E + A/N^alpha + B/D^beta (Hoffmann et al. approach 3); alpha_bounds bound beta too."""
-    params, rest = _fit_lse([n, d], ["N", "D"], y, ("E", "A", "alpha", "B", "beta"), alpha_bounds=alpha_bounds,
-                            huber_delta=huber_delta, n_boot=n_boot, seed=seed, level=level, group=group,
-                            strict=strict)
+    params, rest = _fit_lse([n, d], ["N", "D"], y, ("E", "A", "alpha", "B", "beta"),
+                            alpha_bounds=alpha_bounds, huber_delta=huber_delta, n_boot=n_boot, seed=seed,
+                            level=level, group=group, strict=strict)
     return ChinchillaFit(**params, **rest)
 
 
 def predict_chinchilla(fit: ChinchillaFit, n, d) -> np.ndarray:
     """L_hat(N, D) = E + A/N^alpha + B/D^beta."""
-    return fit.E + fit.A * np.asarray(n, dtype=float) ** -fit.alpha + fit.B * np.asarray(d, dtype=float) ** -fit.beta
+    n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+    return fit.E + fit.A * n**-fit.alpha + fit.B * d**-fit.beta
 
 
 @dataclass
@@ -379,7 +385,7 @@ def effective_params(dense: PowerLawFit, n_moe: float, loss_moe: float) -> Effec
     """
     _check_positive({"n_moe": np.array([n_moe]), "loss_moe": np.array([loss_moe])})
     if not dense.alpha > 0:
-        return EffectiveParams(n_moe, loss_moe, math.nan, math.nan, "the dense fit has alpha = 0: it cannot be inverted")
+        return EffectiveParams(n_moe, loss_moe, math.nan, math.nan, "the dense fit has alpha = 0: no inverse")
     if loss_moe <= dense.E:
         return EffectiveParams(n_moe, loss_moe, math.nan, math.nan,
                                f"loss {loss_moe:.4g} is at or below the dense asymptote E={dense.E:.4g}: "
@@ -429,7 +435,8 @@ def convergence_speedup(x_dense, loss_dense, x_moe, loss_moe, *, smooth: int = 1
     hit = np.flatnonzero(lm <= target)
     if len(hit) == 0:
         return SpeedUp(target, x_final, None, None, None,
-                       f"the MoE curve never reaches the dense final loss {target:.4g} (its lowest: {lm.min():.4g})")
+                       f"the MoE curve never reaches the dense final loss {target:.4g} "
+                       f"(its lowest: {lm.min():.4g})")
     i = int(hit[0])
     x_hit = float(xm[0])
     if i > 0:  # between the last point above the target and the first at or below it
@@ -458,8 +465,9 @@ def _positive_column(df: pd.DataFrame, col: str) -> np.ndarray:
         raise FitError(f"column '{col}' has {int(vals.isna().sum())} missing value(s) "
                        f"(rows {list(df.index[vals.isna()][:5])}): drop or fill them first")
     if (bad := ~np.isfinite(vals) | (vals <= 0)).any():
-        raise FitError(f"column '{col}' must be finite and > 0 for a log-space fit; {int(bad.sum())} value(s) "
-                       f"are not (first: {vals[bad].iloc[0]} in row {df.index[bad.to_numpy()][0]!r})")
+        first = df.index[bad.to_numpy()][0]
+        raise FitError(f"column '{col}' must be finite and > 0 for a log-space fit; {int(bad.sum())} "
+                       f"value(s) are not (first: {vals[first]} in row {_plain(first)!r})")
     return vals.to_numpy(dtype=float)
 
 
@@ -468,6 +476,7 @@ def fit_table(df: pd.DataFrame, x: str, y: str, group: str | None = None, *, n_b
     """One power-law fit of column y against column x per value of `group` (or one overall)."""
     if df is None or len(df) == 0:
         raise FitError("the table is empty: no rows to fit")
+    _column(df, x), _column(df, y)  # name every missing column before complaining about values
     keys = _column(df, group, "group column") if group is not None else pd.Series(0, index=df.index)
     xs, ys = _positive_column(df, x), _positive_column(df, y)
     return [fit_power_law(xs[idx], ys[idx], n_boot=n_boot, seed=seed,

@@ -92,7 +92,9 @@ def tidy_log_axis(ax: Any, which: str) -> None:
         return
     decades = math.log10(hi / lo)
     if decades < 1.0:
-        ticks = [t for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+        ticks = [
+            t for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi
+        ]
         axis.set_major_locator(FixedLocator(ticks))
     else:
         axis.set_major_locator(LogLocator(10, subs=(1.0, 2.0, 5.0) if decades < 3 else (1.0,)))
@@ -109,7 +111,9 @@ class _Layout:
         self.size = size_labels(runs, data.axes)
         self.sizes = size_order(runs, self.size)
         self.series = series_labels(runs, data.axes)
-        self.routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
+        self.routing = (
+            runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
+        )
         self.series_order = series_order(runs, self.series)
 
     def _routing_of(self, series: str) -> str:
@@ -252,16 +256,30 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
         color = lay.color(s)
         for i in pts.index:
             sz = lay.size[i]
-            ax.scatter(pts.at[i, x], pts.at[i, "final_val_loss"], color=color, marker=lay.marker(sz), s=42,
-                       edgecolor="white", linewidth=0.6, zorder=3)
+            ax.scatter(
+                pts.at[i, x],
+                pts.at[i, "final_val_loss"],
+                color=color,
+                marker=lay.marker(sz),
+                s=42,
+                edgecolor="white",
+                linewidth=0.6,
+                zorder=3,
+            )
         fit = fits.get(s)
         if fit is None or isinstance(fit, str) or pts.empty:
             if len(pts):
                 reasons.append(f"{lay.label(s)}: {fit or 'not fitted'}")
             continue
         grid = np.geomspace(pts[x].min() / 1.6, pts[x].max() * 1.6, 120)
-        ax.plot(grid, predict(fit, grid), color=color, ls=lay.linestyle(s), lw=1.6,
-                label=f"{lay.label(s)}: {_fmt_law(fit, 'N' if x.startswith('params') else 'C')}")
+        ax.plot(
+            grid,
+            predict(fit, grid),
+            color=color,
+            ls=lay.linestyle(s),
+            lw=1.6,
+            label=f"{lay.label(s)}: {_fmt_law(fit, 'N' if x.startswith('params') else 'C')}",
+        )
         try:
             lo, hi = prediction_band(fit, grid)
             ax.fill_between(grid, lo, hi, color=color, alpha=0.15, lw=0)
@@ -270,28 +288,38 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
     ax.set_xscale("log")
     ax.set_yscale("log")
     if not done.empty:
+        ax.margins(x=0.08, y=0.08)
+        ax.autoscale_view()
         tidy_log_axis(ax, "x")
         tidy_log_axis(ax, "y")
     ax.set_xlabel(X_LABELS.get(x, x) + " (log scale)")
     ax.set_ylabel("final " + LOSS_LABEL + " (log scale)")
     what = "activated parameters" if x == "params_active" else "training FLOPs"
-    ax.set_title(f"Final validation loss vs {what}\nlines: fitted $L = E + A\\,X^{{-\\alpha}}$ per routing; "
-                 "shading: bootstrap 95% band", fontsize=10)
+    ax.set_title(
+        f"Final validation loss vs {what}\nlines: fitted $L = E + A\\,X^{{-\\alpha}}$ per routing; "
+        "shading: bootstrap 95% band",
+        fontsize=10,
+    )
     if done.empty:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
     handles, _ = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color=lay.color(s), marker="o", ls="", label=lay.label(s) + " (runs)")
-                for s in lay.series_order if s not in fits or isinstance(fits.get(s), str)]
+    handles += [
+        Line2D([], [], color=lay.color(s), marker="o", ls="", label=lay.label(s) + " (runs, no fit)")
+        for s in lay.series_order
+        if not hasattr(fits.get(s), "alpha") and (lay.series[done.index] == s).any()
+    ]
     handles += [h for h in lay.size_legend() if h.get_label()[5:] in set(lay.size[done.index])]
-    ax.legend(handles=handles, loc="upper right", fontsize=7.5)
-    if reasons:
-        ax.text(0.01, 0.01, "no fit — " + "; ".join(reasons), transform=ax.transAxes, fontsize=7.5,
-                va="bottom", ha="left", color="0.3", wrap=True)
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=7.5)
+    notes = [f"no fit for {r}" for r in reasons]
     not_done = int((runs["status"] != "done").sum())
     if not_done:
-        ax.text(0.01, 0.99, f"{not_done} run(s) not done are not shown", transform=ax.transAxes, fontsize=7.5,
-                va="top", color="0.3")
-    fig.tight_layout()
+        notes.append(f"{not_done} run(s) not done are not shown")
+    for k, line in enumerate(notes):
+        fig.text(
+            0.01, 0.01 + 0.028 * (len(notes) - 1 - k), line, fontsize=7.5, color="0.3", ha="left", va="bottom"
+        )
+    fig.tight_layout(rect=(0, 0.028 * len(notes), 1, 1))
     return fig
 
 
@@ -317,8 +345,16 @@ def timestep_loss(data: CollectResult) -> Figure:
             ok = np.isfinite(y) & np.isfinite(t)
             s = lay.series[i]
             done = row["status"] == "done"
-            ax.plot(t[ok], y[ok], color=lay.color(s), ls=lay.linestyle(s) if done else ":", marker="o", ms=3.5,
-                    lw=1.5, label=lay.label(s) + _status_suffix(row))
+            ax.plot(
+                t[ok],
+                y[ok],
+                color=lay.color(s),
+                ls=lay.linestyle(s) if done else ":",
+                marker="o",
+                ms=3.5,
+                lw=1.5,
+                label=lay.label(s) + _status_suffix(row),
+            )
         ax.set_title(f"size {size}")
         ax.set_xlabel("timestep t (0 = data, 1 = noise)")
         ax.set_ylabel(LOSS_LABEL)
@@ -335,8 +371,16 @@ def timestep_loss(data: CollectResult) -> Figure:
 # Routing statistics
 
 
-def _metric_panel(ax: Any, lay: _Layout, curves: pd.DataFrame, routing: str, metric: str,
-                  scale: float = 1.0, std: str | None = None) -> bool:
+def _metric_panel(
+    ax: Any,
+    lay: _Layout,
+    curves: pd.DataFrame,
+    routing: str,
+    metric: str,
+    scale: float = 1.0,
+    std: str | None = None,
+    peak: str | None = None,
+) -> bool:
     drawn = False
     for i in lay.runs.index[lay.routing == routing]:
         row = lay.runs.loc[i]
@@ -345,18 +389,36 @@ def _metric_panel(ax: Any, lay: _Layout, curves: pd.DataFrame, routing: str, met
             continue
         s, size = lay.series[i], lay.size[i]
         color = lay.sized_color(s, size)
-        ax.plot(c["step"], c["value"] * scale, color=color, ls=lay.linestyle(s), lw=1.4, marker=lay.marker(size),
-                markevery=max(1, len(c) // 6), ms=4, label=f"size {size}" + series_suffix(lay, s)
-                + _status_suffix(row))
+        ax.plot(
+            c["step"],
+            c["value"] * scale,
+            color=color,
+            ls=lay.linestyle(s),
+            lw=1.4,
+            marker=lay.marker(size),
+            markevery=max(1, len(c) // 6),
+            ms=4,
+            label=f"size {size}" + series_suffix(lay, s) + _status_suffix(row),
+        )
         if std is not None:
             sd = curves[(curves["run_id"] == row["run_id"]) & (curves["metric"] == std)].sort_values("step")
             if len(sd) == len(c):
                 m, v = c["value"].to_numpy() * scale, sd["value"].to_numpy() * scale
                 ax.fill_between(c["step"], m - v, m + v, color=color, alpha=0.15, lw=0)
+        if peak is not None:
+            pk = curves[(curves["run_id"] == row["run_id"]) & (curves["metric"] == peak)].sort_values("step")
+            ax.plot(pk["step"], pk["value"] * scale, color=color, ls=":", lw=1.0)
         drawn = True
     if not drawn:
-        ax.text(0.5, 0.5, f"no {routing_name(routing).lower()} runs with this metric", ha="center", va="center",
-                transform=ax.transAxes, fontsize=8)
+        ax.text(
+            0.5,
+            0.5,
+            f"no {routing_name(routing).lower()} runs with this metric",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=8,
+        )
     else:
         ax.legend(fontsize=7)
     ax.set_xlabel(X_LABELS["step"])
@@ -375,8 +437,16 @@ def routing_stats(data: CollectResult) -> Figure:
     fig, axs = plt.subplots(2, 2, figsize=(11, 7.4), squeeze=False)
     (a, b), (c, d) = axs
     curves = data.curves
-    _metric_panel(a, lay, curves, "expert_choice", "ec_experts_per_token_mean", std="ec_experts_per_token_std")
-    a.set_title("EC: experts per token (mean ± std over tokens)")
+    _metric_panel(
+        a,
+        lay,
+        curves,
+        "expert_choice",
+        "ec_experts_per_token_mean",
+        std="ec_experts_per_token_std",
+        peak="ec_experts_per_token_max",
+    )
+    a.set_title("EC: experts per token (mean ± std over tokens; dotted: max)")
     a.set_ylabel("experts per token")
     _metric_panel(b, lay, curves, "expert_choice", "ec_unrouted_frac", scale=100)
     b.set_title("EC: tokens picked by no expert")
@@ -414,23 +484,36 @@ def eval_scores(data: CollectResult) -> Figure | None:
             vals = [100 * runs.at[i, f"eval_{t}"] for t in tasks]
             xs = np.arange(len(tasks)) - 0.4 + width * (j + 0.5)
             s = lay.series[i]
-            ax.bar(xs, vals, width=width, color=lay.color(s), hatch=["", "//", "..", "xx"][
-                SERIES_STYLES.index(lay.linestyle(s))], edgecolor="white", lw=0.4, label=lay.label(s))
+            ax.bar(
+                xs,
+                vals,
+                width=width,
+                color=lay.color(s),
+                hatch=["", "//", "..", "xx"][SERIES_STYLES.index(lay.linestyle(s))],
+                edgecolor="white",
+                lw=0.4,
+                label=lay.label(s),
+            )
         ax.set_xticks(np.arange(len(tasks)))
         ax.set_xticklabels([t.replace("_", " ") for t in tasks], rotation=30, ha="right")
         ax.set_ylim(0, 100)
         ax.set_ylabel("images correct (%)")
         ax.set_title(f"size {size}")
         ax.grid(axis="x", visible=False)
-    return _finish(fig, "GenEval-style scores (overall = unweighted mean of the six tasks)",
-                   lay.series_legend([s for s in lay.series_order if (has & (lay.series == s)).any()]))
+    return _finish(
+        fig,
+        "GenEval-style scores (overall = unweighted mean of the six tasks)",
+        lay.series_legend([s for s in lay.series_order if (has & (lay.series == s)).any()]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # All figures, and saving
 
 
-def make_figures(data: CollectResult, fits: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Figure]:
+def make_figures(
+    data: CollectResult, fits: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Figure]:
     """Every figure that has something to show, by file stem (see FIGURES).
 
     `fits` maps "params_active" / "train_flops" to the per-series fits given to `scaling`.

@@ -3,7 +3,8 @@
 A preset is a function returning config overrides (nested dict); any routing and expert count
 can be combined with any preset. Paper presets follow PAPER.md's table (hidden, depth, heads,
 KV heads; head dim 64); the parts the paper does not state are our choices, documented here:
-latent input 32x32x4 with patch 2 (256x256 images through an 8x VAE, 256 tokens), a 768-wide
+latent input 32x32x4 with patch 2 (256x256 images through an 8x VAE, 256 tokens; data from a
+folder of precomputed latents, `data.source: folder`), a 768-wide
 text encoder (CLIP-L-like) with 77 tokens, DiT-style per-block adaLN-Zero. `m` is dense M
 (46 blocks); `m-moe` is the 38-block backbone of EC-DiT-M-64E (PAPER.md: "46 dense, 38 MoE").
 
@@ -26,6 +27,8 @@ def _paper(hidden: int, depth: int, heads: int, kv_heads: int, experts: int = 32
                       "depth": depth, "num_heads": heads, "num_kv_heads": kv_heads, "mlp_ratio": 4.0},
             "moe": {"num_experts": experts, "capacity_factor": 2.0, "top_k": 2},
             "text": {"width": 768, "max_len": 77, "depth": 2, "num_heads": 12},
+            # Latents are not rendered here: point data.path at a folder of .npy latents + captions.jsonl.
+            "data": {"source": "folder"},
             "train": {"optimizer": "rmsprop", "lr": 1e-4, "warmup_steps": 20000, "steps": 800000,
                       "batch_size": 4096, "precision": "bf16"},
         }

@@ -65,8 +65,9 @@ class ReportFiles:
 # Numbers
 
 
-def fit_groups(df: pd.DataFrame, x: str, y: str, group: str | None = None, *, n_boot: int = 200,
-               seed: int = 0) -> list[tuple[Any, PowerLawFit | str]]:
+def fit_groups(
+    df: pd.DataFrame, x: str, y: str, group: str | None = None, *, n_boot: int = 200, seed: int = 0
+) -> list[tuple[Any, PowerLawFit | str]]:
     """`fit.fit_table`, one group at a time: a group that cannot be fitted gets its reason
     instead of failing the others. Without `group`, one fit (errors propagate)."""
     if group is None:
@@ -84,8 +85,16 @@ def fit_groups(df: pd.DataFrame, x: str, y: str, group: str | None = None, *, n_
     return out
 
 
-def fit_csv(path: str | Path, x: str, y: str, group: str | None = None, *, n_boot: int = 200, seed: int = 0,
-            all_rows: bool = False) -> tuple[list[tuple[Any, PowerLawFit | str]], list[str]]:
+def fit_csv(
+    path: str | Path,
+    x: str,
+    y: str,
+    group: str | None = None,
+    *,
+    n_boot: int = 200,
+    seed: int = 0,
+    all_rows: bool = False,
+) -> tuple[list[tuple[Any, PowerLawFit | str]], list[str]]:
     """Fit a CSV file per group. Unless `all_rows`, a table with a `status` column (runs.csv)
     keeps only its done runs, and rows without x or y are left out; the notes say what was."""
     path = Path(path)
@@ -98,8 +107,10 @@ def fit_csv(path: str | Path, x: str, y: str, group: str | None = None, *, n_boo
     notes = []
     if not all_rows:
         if "status" in df.columns and (df["status"] != "done").any():
-            notes.append(f"left out {int((df['status'] != 'done').sum())} row(s) whose status is not done "
-                         "(--all-rows keeps them)")
+            notes.append(
+                f"left out {int((df['status'] != 'done').sum())} row(s) whose status is not done "
+                "(--all-rows keeps them)"
+            )
             df = df[df["status"] == "done"]
         present = [c for c in (x, y) if c in df.columns]
         blank = df[present].isna().any(axis=1) if present else pd.Series(False, index=df.index)
@@ -149,7 +160,9 @@ def analyse(data: CollectResult, n_boot: int = 200, seed: int = 0) -> Analysis:
 def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:
     cols = ["run_id", "series", "params_active", "params_total", "final_val_loss", "dense_equiv_params",
             "multiplier_active", "multiplier_total", "reason"]  # fmt: skip
-    dense = [f for s, f in fits.items() if isinstance(f, PowerLawFit) and (routing[series == s] == "dense").all()]
+    dense = [
+        f for s, f in fits.items() if isinstance(f, PowerLawFit) and (routing[series == s] == "dense").all()
+    ]
     moe = runs[_done(runs, "params_active") & routing.ne("dense")]
     if moe.empty:
         return pd.DataFrame(columns=cols)
@@ -160,8 +173,19 @@ def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:
     rows = []
     for i, r in moe.iterrows():
         e = effective_params(dense[0], float(r["params_active"]), float(r["final_val_loss"]))
-        rows.append([r["run_id"], series[i], r["params_active"], r["params_total"], r["final_val_loss"],
-                     e.n_equiv, e.multiplier, e.n_equiv / r["params_total"], e.reason])
+        rows.append(
+            [
+                r["run_id"],
+                series[i],
+                r["params_active"],
+                r["params_total"],
+                r["final_val_loss"],
+                e.n_equiv,
+                e.multiplier,
+                e.n_equiv / r["params_total"],
+                e.reason,
+            ]
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -202,8 +226,16 @@ def _speedups(data: CollectResult, series: pd.Series, routing: pd.Series) -> pd.
             reason = f"not reached before it failed at step {fmt_num(r['step'])}"
         elif reason and r["status"] != "done":
             reason = f"not reached yet ({r['status']} at step {fmt_num(r['step'])})"
-        rows.append(base + [by_step.target_loss, _nan(by_step.fraction), _nan(by_flops.fraction),
-                            _nan(by_step.speedup), reason])
+        rows.append(
+            base
+            + [
+                by_step.target_loss,
+                _nan(by_step.fraction),
+                _nan(by_flops.fraction),
+                _nan(by_step.speedup),
+                reason,
+            ]
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -247,8 +279,19 @@ def _fit_table(fits: dict[str, PowerLawFit | str]) -> Table:
         if isinstance(f, str):
             rows.append([s, "—", "—", "—", "—", "—", "—", "—", f"no fit: {f}"])
         else:
-            rows.append([s, str(f.n), _ci(f, "E"), _ci(f, "A"), _ci(f, "alpha"), fmt_num(f.rmse_log, 3),
-                         fmt_num(f.r2_log, 5), f"{f.n_boot_ok}/{f.n_boot}", "; ".join(f.warnings)])
+            rows.append(
+                [
+                    s,
+                    str(f.n),
+                    _ci(f, "E"),
+                    _ci(f, "A"),
+                    _ci(f, "alpha"),
+                    fmt_num(f.rmse_log, 3),
+                    fmt_num(f.r2_log, 5),
+                    f"{f.n_boot_ok}/{f.n_boot}",
+                    "; ".join(f.warnings),
+                ]
+            )
     return head, rows
 
 
@@ -259,7 +302,9 @@ def _holdout_table(hold: dict[str, HoldoutResult | str], x: str) -> Table:
         if isinstance(h, str):
             rows.append([s, "—", "—", "—", f"not possible: {h}"])
         else:
-            rows.append([s, fmt_num(h.x_held), fmt_num(h.predicted), fmt_num(h.actual), f"{100 * h.rel_error:+.2f}%"])
+            rows.append(
+                [s, fmt_num(h.x_held), fmt_num(h.predicted), fmt_num(h.actual), f"{100 * h.rel_error:+.2f}%"]
+            )
     return head, rows
 
 
@@ -284,15 +329,39 @@ def _speedup_table(sp: pd.DataFrame) -> Table:
 def _runs_table(data: CollectResult) -> Table:
     runs = data.runs
     size, series = size_labels(runs, data.axes), series_labels(runs, data.axes)
-    head = ["run", "size", "series", "status", "step / steps", "total params", "activated params",
-            "training FLOPs", "final train loss", "final val loss", "GenEval overall", "wall time (s)"]
+    head = [
+        "run",
+        "size",
+        "series",
+        "status",
+        "step / steps",
+        "total params",
+        "activated params",
+        "training FLOPs",
+        "final train loss",
+        "final val loss",
+        "GenEval overall",
+        "wall time (s)",
+    ]
     has_eval = "eval_overall" in runs
     rows = []
     for i, r in runs.iterrows():
-        rows.append([str(r["run_id"]), str(size[i]), series[i], r["status"], f"{fmt_num(r['step'])} / {fmt_num(r['steps'])}",
-                     fmt_num(r["params_total"]), fmt_num(r["params_active"]), fmt_num(r["train_flops"]),
-                     fmt_num(r["final_train_loss"]), fmt_num(r["final_val_loss"]),
-                     _pct(r["eval_overall"]) if has_eval else "—", fmt_num(r["wall_time_s"], 3)])
+        rows.append(
+            [
+                str(r["run_id"]),
+                str(size[i]),
+                series[i],
+                r["status"],
+                f"{fmt_num(r['step'])} / {fmt_num(r['steps'])}",
+                fmt_num(r["params_total"]),
+                fmt_num(r["params_active"]),
+                fmt_num(r["train_flops"]),
+                fmt_num(r["final_train_loss"]),
+                fmt_num(r["final_val_loss"]),
+                _pct(r["eval_overall"]) if has_eval else "—",
+                fmt_num(r["wall_time_s"], 3),
+            ]
+        )
     return head, rows
 
 
@@ -344,7 +413,9 @@ def _header(data: CollectResult) -> list[tuple[str, Any]]:
         where = " (no run directory)" if r["run_id"] in data.missing else ""
         items.append(f"{r['run_id']}: pending, not started{where}")
     for _, r in runs[runs["status"] == "failed"].iterrows():
-        items.append(f"{r['run_id']}: FAILED at step {fmt_num(r['step'])}: {r['error'] or 'no error recorded'}")
+        items.append(
+            f"{r['run_id']}: FAILED at step {fmt_num(r['step'])}: {r['error'] or 'no error recorded'}"
+        )
     if items:
         blocks += [("p", "Not done (their rows are kept; fits use done runs only):"), ("ul", items)]
     else:
@@ -376,8 +447,13 @@ def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> li
     for stem, path in figures.items():
         doc += [("h3", FIGURE_CAPTIONS.get(stem, stem)), ("img", path)]
     doc.append(("h2", "Scaling fits: L = E + A·X^-α (final validation loss, done runs)"))
-    doc.append(("p", "Fitted per series with a Huber loss on log residuals, multi-start L-BFGS-B; CIs are "
-                     "bootstrap percentile intervals (resampling runs). A is in the units of X."))
+    doc.append(
+        (
+            "p",
+            "Fitted per series with a Huber loss on log residuals, multi-start L-BFGS-B; CIs are "
+            "bootstrap percentile intervals (resampling runs). A is in the units of X.",
+        )
+    )
     for x, label in FIT_X.items():
         doc += [("h3", f"Loss vs {label}"), ("table", _fit_table(an.fits[x]))]
     doc.append(("h2", "Held-out check: fit without the largest size, predict it"))
@@ -390,15 +466,22 @@ def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> li
     else:
         doc.append(("p", " ".join(an.notes) or "No done MoE runs yet."))
     doc.append(("h3", "Convergence speed-up vs the dense run of the same size"))
-    doc.append(("p", "Share of the dense run's steps and FLOPs the MoE run needed to reach the dense run's "
-                     "final validation loss (linear interpolation between validation records)."))
+    doc.append(
+        (
+            "p",
+            "Share of the dense run's steps and FLOPs the MoE run needed to reach the dense run's "
+            "final validation loss (linear interpolation between validation records).",
+        )
+    )
     if not an.speedup.empty:
         doc.append(("table", _speedup_table(an.speedup)))
     else:
         doc.append(("p", "No MoE run has a done dense run of the same size yet."))
-    doc += [("h2", "Per-run final numbers"),
-            ("p", "For runs that are not done, the loss columns hold the latest logged values."),
-            ("table", _runs_table(data))]
+    doc += [
+        ("h2", "Per-run final numbers"),
+        ("p", "For runs that are not done, the loss columns hold the latest logged values."),
+        ("table", _runs_table(data)),
+    ]
     return doc
 
 
@@ -446,12 +529,20 @@ def render_html(doc: list[tuple[str, Any]], title: str) -> str:
             out.append(f'<img alt="{html.escape(body.stem)}" src="data:image/png;base64,{data}">')
         elif kind == "table":
             out.append(_html_table(body))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )
 
 
-def write_report(path: str | Path, *, recollect: bool | None = None, n_boot: int = 200, seed: int = 0,
-                 data: CollectResult | None = None) -> ReportFiles:
+def write_report(
+    path: str | Path,
+    *,
+    recollect: bool | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    data: CollectResult | None = None,
+) -> ReportFiles:
     """Collect (when stale, or as `recollect` says), fit, save every figure as PNG and SVG into
     plots/, and write report.md and report.html into the study directory."""
     import matplotlib.pyplot as plt
@@ -474,4 +565,3 @@ def write_report(path: str | Path, *, recollect: bool | None = None, n_boot: int
     atomic_write_text(md, render_markdown(doc, root))
     atomic_write_text(page, render_html(doc, f"ecdit report: {_study_name(root)}"))
     return ReportFiles(md, page, written, data, an)
-

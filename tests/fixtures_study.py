@@ -20,7 +20,13 @@ import numpy as np
 from ecdit_cli.config import ModelConfig, MoEConfig, RunConfig, TrainConfig
 
 # (hidden_size, depth) per size name, smallest first.
-SIZES: dict[str, tuple[int, int]] = {"S": (64, 4), "M": (96, 6), "L": (128, 8), "XL": (192, 10), "XXL": (256, 12)}
+SIZES: dict[str, tuple[int, int]] = {
+    "S": (64, 4),
+    "M": (96, 6),
+    "L": (128, 8),
+    "XL": (192, 10),
+    "XXL": (256, 12),
+}
 ROUTINGS = ("dense", "token_choice", "expert_choice")
 ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec"}
 # True law of the final validation loss in activated parameters: (E, A, alpha).
@@ -121,13 +127,21 @@ def _records(size: str, routing: str, last_step: int, rng: np.random.Generator, 
                 ec_unrouted_frac=0.04 + 0.02 * big * frac,
             )
         elif routing == "token_choice":
-            rec.update(tc_dropped_frac=0.08 * (1 - frac) + 0.01 * big, tc_load_imbalance=1.8 - 0.5 * frac + 0.1 * big)
+            rec.update(
+                tc_dropped_frac=0.08 * (1 - frac) + 0.01 * big, tc_load_imbalance=1.8 - 0.5 * frac + 0.1 * big
+            )
             rec["aux_loss"] = 1.0 + 0.1 * (1 - frac)
             rec["loss"] = train + 0.01 * rec["aux_loss"]
         out.append(rec)
         if step % VAL_EVERY == 0:
             val = _val_at(final, step)
-            vrec = {"kind": "val", "step": step, "images_seen": images, "flops": 3 * fpi * images, "val_loss": val}
+            vrec = {
+                "kind": "val",
+                "step": step,
+                "images_seen": images,
+                "flops": 3 * fpi * images,
+                "val_loss": val,
+            }
             vrec.update({f"val_loss_t{i}": v for i, v in enumerate(_t_profile(val))})
             vrec["val_t"] = VAL_T
             out.append(vrec)
@@ -145,7 +159,9 @@ def _write_run(root: Path, size: str, routing: str, status: str, rng: np.random.
     recs = _records(size, routing, last, rng, noise=rng.normal(0, 0.003))
     lines = [json.dumps(r) for r in recs]
     if status == "running":
-        lines.append(json.dumps(_records(size, routing, last + LOG_EVERY, rng, 0.0)[-1])[:37])  # cut mid-write
+        lines.append(
+            json.dumps(_records(size, routing, last + LOG_EVERY, rng, 0.0)[-1])[:37]
+        )  # cut mid-write
     (d / "metrics.jsonl").write_text("\n".join(lines) + ("\n" if status != "running" else ""))
     total, active = param_counts(size, routing)
     last_train = [r for r in recs if r["kind"] == "train"][-1]
@@ -166,7 +182,10 @@ def _write_run(root: Path, size: str, routing: str, status: str, rng: np.random.
     if status == "done":
         # Scores rise with size and are best for expert choice.
         base = 0.9 - 1.5 * summary["final_val_loss"]
-        tasks = {t: float(np.clip(base + 0.05 * (3 - i) + rng.normal(0, 0.01), 0, 1)) for i, t in enumerate(EVAL_TASKS)}
+        tasks = {
+            t: float(np.clip(base + 0.05 * (3 - i) + rng.normal(0, 0.01), 0, 1))
+            for i, t in enumerate(EVAL_TASKS)
+        }
         ev = {
             "overall": float(np.mean(list(tasks.values()))),
             "tasks": tasks,

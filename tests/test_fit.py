@@ -29,7 +29,7 @@ E_TRUE, ALPHA_TRUE = 2.0, 0.35
 
 
 def noisy_power_law(scale, seed, n=8, decades=3.0, noise=0.015):
-    """L = E + A x^-alpha over `decades` starting at `scale`; A set so the reducible loss is 8 at x = scale."""
+    """E + A x^-alpha over `decades` from x = scale, where the reducible loss A x^-alpha is 8."""
     x = scale * np.logspace(0, decades, n)
     a_true = 8.0 * scale**ALPHA_TRUE
     rng = np.random.default_rng(seed)
@@ -48,12 +48,13 @@ def test_power_law_recovers_known_parameters_from_noisy_data(scale, seed):
     x, y, a_true = noisy_power_law(scale, seed)
     f = fit_power_law(x, y, n_boot=0)
     assert f.converged and f.n == 8
-    assert abs(f.alpha - ALPHA_TRUE) < 0.06
-    assert abs(f.E - E_TRUE) / E_TRUE < 0.12
+    assert abs(f.alpha - ALPHA_TRUE) < 0.03
+    assert abs(f.E - E_TRUE) / E_TRUE < 0.08
     # A alone trades off against alpha by a factor g^d_alpha (g = geometric mean of x, ~1e10 at the
     # 1e9 scale), so it is checked where the data are: the reducible loss at g.
-    got, want = reducible_at_geomean(f.E, f.A, f.alpha, x), reducible_at_geomean(E_TRUE, a_true, ALPHA_TRUE, x)
-    assert abs(got / want - 1) < 0.15
+    got = reducible_at_geomean(f.E, f.A, f.alpha, x)
+    want = reducible_at_geomean(E_TRUE, a_true, ALPHA_TRUE, x)
+    assert abs(got / want - 1) < 0.10
     assert f.rmse_log < 0.03 and f.r2_log > 0.99
     np.testing.assert_allclose(predict(f, x), E_TRUE + a_true * x**-ALPHA_TRUE, rtol=0.02)
 
@@ -221,8 +222,10 @@ def test_a_fit_that_does_not_converge_raises_unless_asked_to_flag_it(monkeypatch
     x, y, _ = noisy_power_law(1e3, seed=0)
     with pytest.raises(FitError, match="did not converge"):
         fit_power_law(x, y, n_boot=0)
-    flagged = fit_power_law(x, y, n_boot=0, strict=False)
+    flagged = fit_power_law(x, y, n_boot=3, strict=False)
     assert not flagged.converged and any("did not converge" in w for w in flagged.warnings)
+    assert flagged.n_boot_ok == 0 and np.isnan(flagged.ci["alpha"][0])
+    assert to_dict(flagged)["alpha_lo"] is None
 
 
 def test_warnings_flag_an_exponent_at_its_bound_and_a_vanishing_asymptote():
@@ -252,7 +255,8 @@ def test_fit_table_gives_one_json_ready_result_per_group():
 
 
 def test_fit_table_names_a_missing_column_and_suggests_a_close_one():
-    with pytest.raises(FitError, match=r"no column 'val_los'.*did you mean 'val_loss'.*available: routing, params"):
+    match = r"no column 'val_los'.*did you mean 'val_loss'.*available: routing, params"
+    with pytest.raises(FitError, match=match):
         fit_table(_runs_table(), "params", "val_los")
     with pytest.raises(FitError, match="no group column 'routng'.*did you mean 'routing'"):
         fit_table(_runs_table(), "params", "val_loss", group="routng")

@@ -7,8 +7,12 @@ from typing import Annotated
 
 import typer
 
-StudyDir = Annotated[Path, typer.Argument(help="Study directory (with manifest.csv) or a single run directory.")]
-NBoot = Annotated[int, typer.Option("--n-boot", min=0, help="Bootstrap refits for the 95% confidence intervals.")]
+StudyDir = Annotated[
+    Path, typer.Argument(help="Study directory (with manifest.csv) or a single run directory.")
+]
+NBoot = Annotated[
+    int, typer.Option("--n-boot", min=0, help="Bootstrap refits for the 95% confidence intervals.")
+]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resampling.")]
 
 
@@ -50,15 +54,19 @@ def collect(study: StudyDir) -> None:
     for _, r in failed.iterrows():
         out.print(f"[red]failed[/] {escape(str(r['run_id']))}: {escape(r['error'] or 'no error recorded')}")
     _print_warnings(result.warnings)
-    out.print(f"wrote {result.study_dir / RUNS_CSV} ({len(result.runs)} rows) and "
-              f"{result.study_dir / CURVES_CSV} ({len(result.curves)} rows)")
+    out.print(
+        f"wrote {result.study_dir / RUNS_CSV} ({len(result.runs)} rows) and "
+        f"{result.study_dir / CURVES_CSV} ({len(result.curves)} rows)"
+    )
 
 
 def fit(
     table: Annotated[Path, typer.Argument(help="A CSV file, e.g. a study's runs.csv or your own table.")],
     x: Annotated[str, typer.Option("--x", help="Column of the scaling variable X (e.g. params_active).")],
     y: Annotated[str, typer.Option("--y", help="Column of the loss L (e.g. final_val_loss).")],
-    group: Annotated[str | None, typer.Option("--group", help="Fit each value of this column separately.")] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Fit each value of this column separately.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the fits as JSON on stdout.")] = False,
     all_rows: Annotated[
         bool, typer.Option("--all-rows", help="Keep runs that are not done and rows without x or y.")
@@ -77,8 +85,11 @@ def fit(
         raise EcditError("no group could be fitted: " + "; ".join(f"{k}: {f}" for k, f in results))
     if as_json:
         rows = [{"group": _plain(k), "error": f} if isinstance(f, str) else f.to_dict() for k, f in results]
-        typer.echo(to_json({"x": x, "y": y, "group_by": group, "n_boot": n_boot, "seed": seed, "fits": rows},
-                           indent=2))
+        typer.echo(
+            to_json(
+                {"x": x, "y": y, "group_by": group, "n_boot": n_boot, "seed": seed, "fits": rows}, indent=2
+            )
+        )
         return
     _fit_table(results, x, y, group)
 
@@ -103,7 +114,10 @@ def _fit_table(results, x: str, y: str, group: str | None) -> None:
             t.add_row(*lead, "—", "[red]no fit[/]", "", "", "", "", "")
             warnings.append(f"{key}: {f}")
             continue
-        cells = [f"{_g(getattr(f, k))}\n[dim]\\[{_g(f.ci[k][0])}, {_g(f.ci[k][1])}][/]" for k in ("E", "A", "alpha")]
+        cells = [
+            f"{_g(getattr(f, k))}\n[dim]\\[{_g(f.ci[k][0])}, {_g(f.ci[k][1])}][/]"
+            for k in ("E", "A", "alpha")
+        ]
         t.add_row(*lead, str(f.n), *cells, _g(f.rmse_log, 3), _g(f.r2_log, 5), f"{f.n_boot_ok}/{f.n_boot}")
         warnings += [(f"{key}: {w}" if group else w) for w in f.warnings]
     _console().print(t)
@@ -113,7 +127,8 @@ def _fit_table(results, x: str, y: str, group: str | None) -> None:
 def plot(
     study: StudyDir,
     no_collect: Annotated[
-        bool, typer.Option("--no-collect", help="Use the existing runs.csv/curves.csv even if they are stale.")
+        bool,
+        typer.Option("--no-collect", help="Use the existing runs.csv/curves.csv even if they are stale."),
     ] = False,
     n_boot: NBoot = 200,
     seed: Seed = 0,
@@ -152,4 +167,3 @@ def _unfitted(fits) -> list[tuple[str, str]]:
             if isinstance(f, str):
                 seen.setdefault(s, f)
     return list(seen.items())
-

@@ -1,0 +1,379 @@
+"""Study specs -> compute-matched sweep points (`make_sweep`, pure) and the study directory.
+
+A spec is a short YAML file:
+
+    name: demo
+    base:                    # a run config: preset + overrides (any RunConfig keys)
+      train: {batch_size: 32}
+    match: activated_flops   # or: backbone
+    grid:                    # axes; every combination is a point
+      size: [tiny, small]    # preset names
+      routing: [dense, token_choice, expert_choice]
+      num_experts: [8]
+      capacity_factor: [2.0]
+      top_k: [2]
+      steps: [300]           # or images: [9600] (a budget in training images)
+      lr: [1.0e-3]
+      seed: [0]
+      moe.group_size: [0]    # any dotted config key is an axis too
+
+Rules:
+- Axes that do not apply to a routing are collapsed, not multiplied: dense ignores
+  num_experts / capacity_factor / top_k / group_size, expert choice ignores top_k. A
+  combination that is invalid for its routing (e.g. top_k > num_experts) is an error naming it.
+- match: activated_flops sets each dense point's FFN width (`moe.dense_width_mult`) so that its
+  forward FLOPs per image equal those of the *reference MoE point* of the same size and budget:
+  the first num_experts / capacity_factor / top_k values of the grid, expert choice if present.
+  match: backbone keeps the dense backbone as is (the paper's comparison).
+- Run ids are readable, path-safe and derived from the point: `{size}-{ec|tc|dense}`, then
+  `-e{E}-f{f}` (EC), `-e{E}-k{k}` (TC, plus `-f{f}` when f varies), then any other varying axis
+  (`-n{steps}`, `-i{images}`, `-lr{lr}`, `-{key}{value}`), then `-s{seed}`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ecdit_cli import rundir
+from ecdit_cli.accounting import count, dense_width_for_flops
+from ecdit_cli.config import (
+    ROUTING_ABBREV, ROUTINGS, RunConfig, config_from_dict, deep_merge, load_run_config, load_yaml, resolve_config,
+)
+from ecdit_cli.errors import ConfigError, EcditError, did_you_mean
+from ecdit_cli.utils import atomic_write_text
+
+# Named axes -> config keys. Dotted keys are accepted as axes directly.
+AXES: dict[str, str] = {
+    "size": "preset",
+    "routing": "moe.routing",
+    "num_experts": "moe.num_experts",
+    "capacity_factor": "moe.capacity_factor",
+    "top_k": "moe.top_k",
+    "group_size": "moe.group_size",
+    "steps": "train.steps",
+    "images": "train.steps",  # converted: ceil(images / batch_size)
+    "lr": "train.lr",
+    "seed": "train.seed",
+}
+MOE_ONLY_AXES = {"num_experts", "capacity_factor", "top_k", "group_size", "moe.num_experts",
+                 "moe.capacity_factor", "moe.top_k", "moe.group_size"}
+TC_ONLY_AXES = {"top_k", "moe.top_k"}
+SPEC_KEYS = ("name", "description", "base", "match", "grid")
+MATCH_RULES = ("activated_flops", "backbone")
+ACCOUNTING_COLUMNS = ("dense_width_mult", "params_total", "params_active", "flops_per_image", "train_flops")
+
+
+@dataclass
+class StudySpec:
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    match: str = "activated_flops"
+    description: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepPoint:
+    run_id: str
+    axes: dict[str, Any]  # axis name -> value (None where collapsed for this routing)
+    config: RunConfig
+
+    def manifest_row(self, axis_names: list[str]) -> dict[str, Any]:
+        acc = count(self.config)
+        row: dict[str, Any] = {"run_id": self.run_id}
+        for a in axis_names:
+            v = self.axes.get(a)
+            row[a] = "" if v is None else v
+        row.update({
+            "dense_width_mult": round(self.config.moe.dense_width_mult, 6),
+            "params_total": acc.params_total,
+            "params_active": round(acc.params_active),
+            "flops_per_image": round(acc.flops_per_image),
+            "train_flops": acc.train_flops(self.config.train.steps * self.config.train.batch_size),
+        })
+        return row
+
+
+def parse_spec(data: dict[str, Any], where: str = "spec") -> StudySpec:
+    for key in data:
+        if key not in SPEC_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}'" + (did_you_mean(str(key), SPEC_KEYS)
+                              or f" (allowed: {', '.join(SPEC_KEYS)})"))
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name or ""):
+        raise ConfigError(f"{where}: 'name' must be a path-safe string (letters, digits, . _ -), got {name!r}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: 'base' must be a mapping (a run config), got {type(base).__name__}")
+    match = data.get("match", "activated_flops")
+    if match not in MATCH_RULES:
+        raise ConfigError(f"{where}: match={match!r} is invalid: allowed: {', '.join(MATCH_RULES)}"
+                          + (did_you_mean(str(match), MATCH_RULES) if isinstance(match, str) else ""))
+    grid = data.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{where}: 'grid' must be a non-empty mapping of axis -> list of values")
+    clean: dict[str, list[Any]] = {}
+    for axis, values in grid.items():
+        if axis not in AXES and "." not in str(axis):
+            raise ConfigError(f"{where}: unknown axis 'grid.{axis}'" + (did_you_mean(str(axis), AXES)
+                              or f" (allowed: {', '.join(AXES)}, or a dotted config key such as moe.group_size)"))
+        if not isinstance(values, list):
+            values = [values]
+        if not values:
+            raise ConfigError(f"{where}: axis 'grid.{axis}' is empty; give at least one value")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{where}: axis 'grid.{axis}' repeats a value: {values}")
+        clean[str(axis)] = values
+    if "steps" in clean and "images" in clean:
+        raise ConfigError(f"{where}: give either grid.steps or grid.images (a budget in images), not both")
+    for r in clean.get("routing", []):
+        if r not in ROUTINGS:
+            raise ConfigError(f"{where}: grid.routing value {r!r} is invalid: allowed: {', '.join(ROUTINGS)}"
+                              + did_you_mean(str(r), ROUTINGS))
+    return StudySpec(name=name, base=base, grid=clean, match=match,
+                     description=str(data.get("description", "")), raw=data)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    return parse_spec(load_yaml(path, what="study spec"), where=str(path))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        s = f"{v:g}"
+    else:
+        s = str(v)
+    return re.sub(r"[^A-Za-z0-9.]+", "", s.replace("+", ""))
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _applies(axis: str, routing: str) -> bool:
+    if routing == "dense":
+        return axis not in MOE_ONLY_AXES
+    if routing == "expert_choice":
+        return axis not in TC_ONLY_AXES
+    return True
+
+
+def make_sweep(spec: StudySpec) -> list[SweepPoint]:
+    """Every point of the study, with its resolved and validated RunConfig (pure)."""
+    axes = list(spec.grid)
+    if "routing" not in spec.grid:
+        axes.append("routing")
+    grid = dict(spec.grid)
+    grid.setdefault("routing", [spec.base.get("moe", {}).get("routing", "dense")])
+    varying = {a for a, v in grid.items() if len(v) > 1}
+
+    seen: dict[tuple, SweepPoint] = {}
+    for combo in itertools.product(*(grid[a] for a in axes)):
+        values = dict(zip(axes, combo))
+        routing = values["routing"]
+        point_axes = {a: (v if _applies(a, routing) else None) for a, v in values.items()}
+        key = tuple(sorted((a, repr(v)) for a, v in point_axes.items()))
+        if key in seen:
+            continue  # collapsed duplicate (e.g. dense x several expert counts)
+        cfg = _point_config(spec, point_axes, where=_describe(point_axes))
+        seen[key] = SweepPoint(run_id="", axes=point_axes, config=cfg)
+    points = list(seen.values())
+    if spec.match == "activated_flops":
+        _match_dense_flops(spec, points, grid)
+    for p in points:
+        p.run_id = _run_id(p.axes, varying)
+        p.config.name = p.run_id
+    ids = [p.run_id for p in points]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"two sweep points get the same run id '{dup}': make the differing axis a named axis")
+    return points
+
+
+def _describe(point_axes: dict[str, Any]) -> str:
+    return "point " + ", ".join(f"{a}={v}" for a, v in point_axes.items() if v is not None)
+
+
+def _point_config(spec: StudySpec, point_axes: dict[str, Any], where: str) -> RunConfig:
+    data = dict(spec.base)
+    preset = None
+    images = None
+    for axis, value in point_axes.items():
+        if value is None:
+            continue
+        if axis == "size":
+            preset = value
+            continue
+        if axis == "images":
+            images = value
+            continue
+        data = deep_merge(data, _nest(AXES.get(axis, axis), value))
+    try:
+        cfg = resolve_config(preset=preset, base=data)
+        if images is not None:
+            if not isinstance(images, int) or images <= 0:
+                raise ConfigError(f"grid.images value {images!r} is invalid: expected a positive integer")
+            cfg.train.steps = -(-images // cfg.train.batch_size)
+        return config_from_dict(cfg.to_dict())
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _reference_moe(grid: dict[str, list[Any]]) -> dict[str, Any]:
+    routings = grid["routing"]
+    ref = "expert_choice" if "expert_choice" in routings else next((r for r in routings if r != "dense"), None)
+    return {"routing": ref, **{a: grid[a][0] for a in grid if a in MOE_ONLY_AXES}}
+
+
+def _match_dense_flops(spec: StudySpec, points: list[SweepPoint], grid: dict[str, list[Any]]) -> None:
+    ref = _reference_moe(grid)
+    if ref["routing"] is None:
+        return  # no MoE point to match
+    for p in points:
+        if p.axes["routing"] != "dense":
+            continue
+        ref_axes = {**p.axes, **ref}
+        ref_cfg = _point_config(spec, ref_axes, where=_describe(ref_axes) + " (FLOPs reference)")
+        target = count(ref_cfg).flops_per_image
+        p.config.moe.dense_width_mult = dense_width_for_flops(p.config, target)
+
+
+def _run_id(point_axes: dict[str, Any], varying: set[str]) -> str:
+    routing = point_axes["routing"]
+    parts = [_fmt(point_axes.get("size") or "custom"), ROUTING_ABBREV[routing]]
+    if routing != "dense":
+        if point_axes.get("num_experts") is not None:
+            parts.append(f"e{_fmt(point_axes['num_experts'])}")
+        if routing == "expert_choice" and point_axes.get("capacity_factor") is not None:
+            parts.append(f"f{_fmt(point_axes['capacity_factor'])}")
+        if routing == "token_choice":
+            if point_axes.get("top_k") is not None:
+                parts.append(f"k{_fmt(point_axes['top_k'])}")
+            if "capacity_factor" in varying and point_axes.get("capacity_factor") is not None:
+                parts.append(f"f{_fmt(point_axes['capacity_factor'])}")
+        if "group_size" in varying and point_axes.get("group_size") is not None:
+            parts.append(f"g{_fmt(point_axes['group_size'])}")
+    short = {"steps": "n", "images": "i", "lr": "lr"}
+    for axis, value in point_axes.items():
+        if axis in ("size", "routing", "num_experts", "capacity_factor", "top_k", "group_size", "seed"):
+            continue
+        if axis in varying and value is not None:
+            parts.append(f"{short.get(axis, axis.split('.')[-1].replace('_', ''))}{_fmt(value)}")
+    parts.append(f"s{_fmt(point_axes.get('seed', 0) if point_axes.get('seed') is not None else 0)}")
+    return "-".join(parts)
+
+
+def run_id_for_config(cfg: RunConfig) -> str:
+    """The run id a single `ecdit train` gets by default, in the sweep's naming scheme."""
+    m = cfg.moe
+    axes: dict[str, Any] = {"size": cfg.preset or "custom", "routing": m.routing, "seed": cfg.train.seed}
+    if m.is_moe:
+        axes["num_experts"] = m.num_experts
+        axes["capacity_factor"] = m.capacity_factor
+        if m.routing == "token_choice":
+            axes["top_k"] = m.top_k
+    return _run_id(axes, varying=set())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the study directory.
+
+
+def manifest_csv(points: list[SweepPoint], axis_names: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["run_id", *axis_names, *ACCOUNTING_COLUMNS])
+    writer.writeheader()
+    for p in points:
+        writer.writerow(p.manifest_row(axis_names))
+    return buf.getvalue()
+
+
+def axis_names(spec: StudySpec) -> list[str]:
+    names = list(spec.grid)
+    if "routing" not in names:
+        names.insert(0, "routing")
+    return names
+
+
+def write_study(spec: StudySpec, points: list[SweepPoint], out: str | Path) -> list[str]:
+    """Write study.yaml, manifest.csv and each point's config.yaml; returns warnings.
+
+    Never overwrites the config of a run that already has results: a changed spec warns
+    instead of silently mixing old and new runs.
+    """
+    out = Path(out)
+    warnings: list[str] = []
+    spec_text = yaml.safe_dump(spec.raw, sort_keys=False)
+    old_spec = out / rundir.STUDY_SPEC
+    if old_spec.exists() and yaml.safe_load(old_spec.read_text()) != spec.raw:
+        warnings.append(f"{out} was generated from a different spec; runs with results keep their old config")
+    kept_ids = set()
+    for p in points:
+        run_dir = out / rundir.RUNS / p.run_id
+        cfg_path = run_dir / rundir.CONFIG
+        if cfg_path.exists():
+            try:
+                old = load_run_config(cfg_path)
+            except EcditError:
+                old = None
+            has_results = (run_dir / rundir.METRICS).exists() or (run_dir / rundir.CHECKPOINTS).exists()
+            if old is not None and old.to_dict() != p.config.to_dict():
+                if has_results:
+                    warnings.append(
+                        f"run {p.run_id} has results from a different config; it was not overwritten "
+                        f"(delete {run_dir} to regenerate it)"
+                    )
+                    kept_ids.add(p.run_id)
+                    continue
+        atomic_write_text(cfg_path, p.config.to_yaml())
+    existing = {d.name for d in (out / rundir.RUNS).iterdir()} if (out / rundir.RUNS).is_dir() else set()
+    orphans = sorted(existing - {p.run_id for p in points})
+    if orphans:
+        warnings.append(f"{len(orphans)} run(s) in {out / rundir.RUNS} are not in the spec any more "
+                        f"(kept, not in the manifest): {', '.join(orphans[:5])}")
+    atomic_write_text(old_spec, spec_text)
+    atomic_write_text(out / rundir.MANIFEST, manifest_csv(points, axis_names(spec)))
+    return warnings
+
+
+def read_manifest(study: str | Path) -> list[dict[str, str]]:
+    p = Path(study) / rundir.MANIFEST
+    if not p.exists():
+        raise EcditError(f"{study} is not a study directory (no {rundir.MANIFEST}); create one with `ecdit sweep SPEC -o DIR`")
+    with open(p, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def launch_script(points: list[SweepPoint], nproc: int, hostfile: str | None, launcher: str = "deepspeed") -> str:
+    """A shell script with one launcher command per point (run from any node seeing the study)."""
+    from ecdit_cli.train.launch import launch_command
+
+    lines = ["#!/usr/bin/env bash", "# Generated by `ecdit sweep`: one command per point; finished points are skipped.",
+             "set -u", 'cd "$(dirname "$0")"', "status=0"]
+    for p in points:
+        cmd = launch_command(f"{rundir.RUNS}/{p.run_id}", nproc=nproc, hostfile=hostfile, launcher=launcher,
+                             python="python")
+        lines.append(" ".join(_shell_quote(c) for c in cmd) + " || status=1")
+    lines.append("exit $status")
+    return "\n".join(lines) + "\n"
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
