@@ -3,7 +3,9 @@
 `collect(dir)` reads the layout of `rundir.py`: the manifest gives each run's sweep axes and
 parameter/FLOP accounting, `summary.json` its status and final numbers, `metrics.jsonl` its
 curves and `eval.json` (when present) its GenEval-style scores. A single run directory is
-accepted too (its axes then come from its config.yaml).
+accepted too: its axes then come from its config.yaml and the tables are written into it.
+Beyond the listed columns, runs.csv has `val_t0..K-1` (the timesteps of `final_val_loss_t*`)
+and `eval_prompts_with_any_correct`.
 
 Decisions:
 - Runs are never dropped: pending, running, interrupted and failed runs keep their row and say

@@ -38,6 +38,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as err:
         raise _io_error(path, err) from None
     try:
+        # mkstemp creates 0600 files; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

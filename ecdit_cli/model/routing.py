@@ -109,15 +109,25 @@ def expert_choice(logits_SE: Tensor, group_size: int, capacity_factor: float) ->
     )
 
 
-def load_balancing_loss(probs_SE: Tensor, expert_SK: Tensor) -> Tensor:
+def load_balancing_loss(probs_SE: Tensor, expert_SK: Tensor, group_size: int = 0) -> Tensor:
     """GShard / Switch auxiliary loss: E * sum_e mean_s(P[s, e]) * (share of routes to e).
 
-    The share counts all k routes of every token (before capacity), so the loss is 1.0 for a
-    perfectly uniform router at any k, and grows to E when every route goes to one expert.
+    Computed per routing group and averaged over groups, as GShard does per group: the loss of
+    a batch is then the mean of its images' losses, so it does not depend on how images are
+    split across processes. The share counts all k routes of every token (before capacity),
+    so the loss is 1.0 for a perfectly uniform router at any k and grows to E when every
+    route goes to one expert.
     """
     S, E = probs_SE.shape
-    route_share_E = torch.bincount(expert_SK.reshape(-1), minlength=E).float() / expert_SK.numel()
-    return E * torch.sum(probs_SE.mean(dim=0) * route_share_E)
+    losses = []
+    for start, length in _group_bounds(S, group_size):
+        G = min(group_size or S, length)
+        N = length // G
+        p_NGE = probs_SE[start:start + length].view(N, G, E)
+        e_NR = expert_SK[start:start + length].reshape(N, -1)
+        share_NE = F.one_hot(e_NR, E).float().mean(dim=1)
+        losses.append(E * (p_NGE.mean(dim=1) * share_NE).sum(dim=-1))  # (N,) one per group
+    return torch.cat(losses).mean()
 
 
 def router_z_loss(logits_SE: Tensor) -> Tensor:
@@ -192,7 +202,7 @@ def token_choice(
         token_idx_EC=token_idx_EC,
         weight_EC=weight_EC,
         num_tokens=S,
-        aux_loss=load_balancing_loss(probs_SE, expert_SK),
+        aux_loss=load_balancing_loss(probs_SE, expert_SK, g),
         z_loss=router_z_loss(logits_SE),
         experts_per_token_S=experts_per_token_S,
         tokens_per_expert_E=tokens_per_expert_E,
