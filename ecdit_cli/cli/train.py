@@ -11,6 +11,7 @@ import typer
 
 from ecdit_cli.cli.common import exit_with, resolve_config_arg
 
+EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130}
 SET_HELP = "Override a config key, e.g. --set moe.routing=expert_choice (repeatable)."
 
 
@@ -49,7 +50,7 @@ def train(
     if dry_run:
         _print_dry_run(cfg, run_dir, nproc, hostfile, launcher)
         return
-    exit_with(_train_one(cfg, run_dir, nproc, hostfile, launcher, quiet))
+    exit_with(EXIT_CODES[_train_one(cfg, run_dir, nproc, hostfile, launcher, quiet)])
 
 
 def _check_layout(cfg, nproc: int, hostfile: Optional[Path]) -> None:

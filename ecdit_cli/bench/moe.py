@@ -1,0 +1,256 @@
+"""One FFN layer, timed: dense vs our token- and expert-choice MoE layers vs DeepSpeed's top-2.
+
+Every MoE variant activates the same FLOPs per token as the dense reference: a dense FFN of
+hidden width f x 4D (f = capacity factor; 2 x 4D for the paper's f = 2), against experts of
+hidden 4D of which each token gets f on average (expert choice: exactly f slots per token of a
+group; token choice top-2: 2 routes per token within the same slot budget).
+
+Variants (`VARIANTS`): dense, token choice top-2 (per image), expert choice per image, expert
+choice over pooled groups of several images, DeepSpeed's own TopKGate(k=2) in
+deepspeed.moe.layer.MoE (the external reference; one routing group of all tokens, its Experts
+container), and our EC and TC layers run through DeepSpeed's MOELayer (the path expert
+parallelism takes) instead of the local fast path.
+
+Forward is timed without autograd (the inference cost); forward+backward with a fixed upstream
+gradient plus the auxiliary loss where the layer has one (weight 0.01), parameter gradients
+freed between calls so that every call allocates them alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ecdit_cli.bench.timing import interleaved, machine_info, peak_memory, summary
+from ecdit_cli.errors import EcditError
+
+VARIANTS = ("dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer")
+VARIANT_LABELS = {
+    "dense": "dense FFN, hidden f x 4D (reference)",
+    "tc_top2": "token choice top-2 (ours, per image)",
+    "ec_image": "expert choice f=2 per image (ours)",
+    "ec_pooled": "expert choice, pooled groups (ours)",
+    "ds_top2": "DeepSpeed TopKGate k=2 (deepspeed.moe MoE)",
+    "ec_dslayer": "expert choice via DeepSpeed MOELayer",
+    "tc_dslayer": "token choice via DeepSpeed MOELayer",
+}
+AUX_WEIGHT = 0.01
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One benchmark shape: `images` x `tokens_per_image` tokens of width `width`, `experts` experts."""
+
+    images: int
+    tokens_per_image: int
+    width: int
+    experts: int
+
+    @property
+    def tokens(self) -> int:
+        return self.images * self.tokens_per_image
+
+    def label(self) -> str:
+        return f"{self.images}x{self.tokens_per_image} tok, D={self.width}, E={self.experts}"
+
+
+def shapes_from_lists(images: list[int], tokens: list[int], widths: list[int], experts: list[int]) -> list[LayerShape]:
+    """Every combination of the given lists, in order."""
+    for name, values in (("images", images), ("tokens", tokens), ("width", widths), ("experts", experts)):
+        if not values or any(v < 1 for v in values):
+            raise EcditError(f"--{name} {values} is invalid: give one or more positive integers")
+    return [LayerShape(*combo) for combo in itertools.product(images, tokens, widths, experts)]
+
+
+class _DeepSpeedTop2(nn.Module):
+    """deepspeed.moe.layer.MoE with its TopKGate(k=2) and Experts container, as shipped."""
+
+    def __init__(self, width: int, hidden: int, experts: int, capacity_factor: float) -> None:
+        super().__init__()
+        from ecdit_cli.model.moe import DeepSpeedMoE, FeedForward
+
+        # DeepSpeed's top-2 doubles its capacity factor internally: f / 2 gives E * C = f * S slots.
+        self.moe = DeepSpeedMoE(hidden_size=width, expert=FeedForward(width, hidden), num_experts=experts,
+                                ep_size=1, k=2, capacity_factor=capacity_factor / 2,
+                                eval_capacity_factor=capacity_factor / 2, min_capacity=0, use_residual=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        y, l_aux, _ = self.moe(x)
+        return y, l_aux
+
+
+class _Ours(nn.Module):
+    """Our MoEFeedForward returning (y, aux loss or None)."""
+
+    def __init__(self, routing: str, shape: LayerShape, capacity_factor: float, group_size: int,
+                 deepspeed_layer: bool) -> None:
+        super().__init__()
+        from ecdit_cli.model.moe import MoEFeedForward
+
+        D = shape.width
+        self.layer = MoEFeedForward(D, 4 * D, shape.experts, routing, capacity_factor, 2, group_size,
+                                    use_deepspeed_layer=deepspeed_layer)
+        nn.init.normal_(self.layer.router.wg.weight, std=0.02)  # as DiT.initialize_weights
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        y, r = self.layer(x)
+        return y, r.aux_loss
+
+
+class _Dense(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        from ecdit_cli.model.moe import FeedForward
+
+        self.ffn = FeedForward(width, hidden)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.ffn(x), None
+
+
+def build_layer(variant: str, shape: LayerShape, capacity_factor: float = 2.0, pool_tokens: int = 1024) -> nn.Module:
+    """The module of one variant at one shape; forward(x_BTD) -> (y_BTD, aux loss or None)."""
+    D, T = shape.width, shape.tokens_per_image
+    # Pooled groups: as many whole images as fit in `pool_tokens` (the paper's 1024 in training).
+    pool = max(1, pool_tokens // T) * T
+    if variant == "dense":
+        return _Dense(D, int(round(capacity_factor * 4 * D)))
+    if variant == "ds_top2":
+        return _DeepSpeedTop2(D, 4 * D, shape.experts, capacity_factor)
+    if variant in ("tc_top2", "tc_dslayer"):
+        return _Ours("token_choice", shape, capacity_factor, T, variant == "tc_dslayer")
+    if variant in ("ec_image", "ec_dslayer"):
+        return _Ours("expert_choice", shape, capacity_factor, T, variant == "ec_dslayer")
+    if variant == "ec_pooled":
+        return _Ours("expert_choice", shape, capacity_factor, pool, False)
+    raise EcditError(f"variant {variant!r} is invalid: allowed: {', '.join(VARIANTS)}")
+
+
+def layer_calls(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Callable[[], None], ...]:
+    """(forward, forward+backward, free gradients) closures of one layer on a fixed input and
+    upstream gradient; forward+backward frees the previous call's gradients first."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    aux_grad = torch.tensor(AUX_WEIGHT, device=x.device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def free_grads() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+
+    def forward_backward() -> None:
+        free_grads()
+        y, aux = module(x)
+        if aux is None:
+            torch.autograd.backward([y], [grad])
+        else:
+            torch.autograd.backward([y, aux], [grad, aux_grad.to(aux.dtype)])
+
+    return forward, forward_backward, free_grads
+
+
+def _input(shape: LayerShape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.images, shape.tokens_per_image, shape.width, generator=g)
+    grad = torch.randn(x.shape, generator=g) / x.numel() ** 0.5
+    return x.to(device, dtype).requires_grad_(True), grad.to(device, dtype)
+
+
+def bench_shape(shape: LayerShape, variants: list[str], reps: int, warmup: int, device: torch.device,
+                dtype: torch.dtype, capacity_factor: float = 2.0, pool_tokens: int = 1024,
+                memory: bool = True) -> list[dict]:
+    """Rows (one per variant) of medians, ratios to dense and peak memory at one shape."""
+    if "dense" not in variants:
+        variants = ["dense", *variants]
+    torch.manual_seed(0)
+    modules = {v: build_layer(v, shape, capacity_factor, pool_tokens).to(device, dtype) for v in variants}
+    x, grad = _input(shape, device, dtype)
+    calls = {v: layer_calls(m, x, grad) for v, m in modules.items()}
+    fwd = interleaved({v: c[0] for v, c in calls.items()}, reps, warmup, device)
+    fwd_bwd = interleaved({v: c[1] for v, c in calls.items()}, reps, warmup, device)
+    mem = {v: peak_memory(c[1], device, before=c[2]) for v, c in calls.items()} if memory else {}
+    rows = []
+    for v in variants:
+        f, fb = summary(fwd[v]), summary(fwd_bwd[v])
+        rows.append({
+            **asdict(shape), "tokens": shape.tokens, "variant": v, "label": VARIANT_LABELS[v],
+            "fwd_ms": 1e3 * f["median"], "fwd_iqr_ms": 1e3 * f["iqr"],
+            "fwd_bwd_ms": 1e3 * fb["median"], "fwd_bwd_iqr_ms": 1e3 * fb["iqr"], "reps": reps,
+            "peak_mem_bytes": mem.get(v),
+        })
+    ref = next(r for r in rows if r["variant"] == "dense")
+    for r in rows:
+        r["fwd_ratio"] = r["fwd_ms"] / ref["fwd_ms"]
+        r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / ref["fwd_bwd_ms"]
+        r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if memory and ref["peak_mem_bytes"] else None
+    return rows
+
+
+def memory_sweep(images: list[int], tokens_per_image: int, width: int, experts: int, device: torch.device,
+                 dtype: torch.dtype, variants: tuple[str, ...] = ("dense", "ec_image"),
+                 capacity_factor: float = 2.0) -> list[dict]:
+    """Peak memory of one fwd+bwd at growing token counts (images x tokens_per_image).
+
+    Linear growth shows as a constant marginal cost per token (bytes between consecutive sizes
+    / tokens added); a tokens x experts x capacity tensor would make it grow with the tokens.
+    """
+    rows = []
+    for v in variants:
+        prev = None
+        for n in sorted(images):
+            shape = LayerShape(n, tokens_per_image, width, experts)
+            torch.manual_seed(0)
+            module = build_layer(v, shape, capacity_factor).to(device, dtype)
+            x, grad = _input(shape, device, dtype)
+            _, fb, free = layer_calls(module, x, grad)
+            fb()  # warm-up: lazy inits must not count
+            peak = peak_memory(fb, device, before=free)
+            row = {"variant": v, "images": n, "tokens": shape.tokens, "peak_mem_bytes": peak,
+                   "bytes_per_token": peak / shape.tokens, "marginal_bytes_per_token": None}
+            if prev is not None:
+                row["marginal_bytes_per_token"] = (peak - prev["peak_mem_bytes"]) / (shape.tokens - prev["tokens"])
+            rows.append(row)
+            prev = row
+    return rows
+
+
+def bench_moe(shapes: list[LayerShape], variants: list[str] | None = None, reps: int = 10, warmup: int = 2,
+              device: torch.device | None = None, dtype: torch.dtype | None = None, capacity_factor: float = 2.0,
+              pool_tokens: int = 1024, memory: bool = True, sweep_images: list[int] | None = None,
+              on_progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """The whole `bench moe` result: machine, settings, one row per (shape, variant), memory sweep."""
+    from ecdit_cli.bench.timing import default_dtype
+
+    device = device or torch.device("cpu")
+    dtype = dtype or default_dtype(device)
+    variants = list(variants or VARIANTS)
+    for v in variants:
+        if v not in VARIANTS:
+            raise EcditError(f"variant {v!r} is invalid: allowed: {', '.join(VARIANTS)}")
+    if reps < 1:
+        raise EcditError(f"reps={reps} is invalid: must be >= 1")
+    rows = []
+    for shape in shapes:
+        on_progress(f"layer {shape.label()}: {len(variants)} variants x {reps} interleaved reps")
+        rows += bench_shape(shape, variants, reps, warmup, device, dtype, capacity_factor, pool_tokens, memory)
+    sweep = []
+    if memory and sweep_images:
+        s0 = shapes[0]
+        on_progress(f"memory sweep over {sweep_images} images of {s0.tokens_per_image} tokens")
+        sweep = memory_sweep(sweep_images, s0.tokens_per_image, s0.width, s0.experts, device, dtype,
+                             capacity_factor=capacity_factor)
+    return {
+        "kind": "moe",
+        "machine": machine_info(device, dtype),
+        "settings": {"reps": reps, "warmup": warmup, "capacity_factor": capacity_factor,
+                     "pool_tokens": pool_tokens, "variants": variants, "aux_loss_weight": AUX_WEIGHT},
+        "rows": rows,
+        "memory_sweep": sweep,
+    }

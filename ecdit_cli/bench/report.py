@@ -1,0 +1,111 @@
+"""Markdown tables of benchmark results (pure functions of the result dicts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _f(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _mb(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    parts = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads", f"torch {m['torch']}",
+             f"deepspeed {m.get('deepspeed')}", f"{m['device']} {m['dtype']}"]
+    if m.get("gpu"):
+        parts.insert(0, m["gpu"])
+    if m.get("load_avg_1m") is not None:
+        parts.append(f"load average {m['load_avg_1m']} at start")
+    return "Machine: " + "; ".join(parts) + "."
+
+
+def moe_markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    out = ["## MoE layer: one FFN layer vs a dense FFN with the same activated FLOPs", "",
+           machine_line(res["machine"]),
+           f"Medians of {s['reps']} interleaved repetitions (IQR in brackets), after {s['warmup']} warm-up calls; "
+           f"capacity factor f={s['capacity_factor']:g} (dense hidden width f x 4D); pooled groups of "
+           f"{s['pool_tokens']} tokens; forward without autograd; fwd+bwd with a fixed upstream gradient "
+           f"(+ {s['aux_loss_weight']:g} x aux loss where the layer has one); peak = memory allocated at the "
+           "peak of one fwd+bwd call above what existed before it.", ""]
+    shapes: dict[tuple, list[dict]] = {}
+    for r in res["rows"]:
+        shapes.setdefault((r["images"], r["tokens_per_image"], r["width"], r["experts"]), []).append(r)
+    for (b, t, d, e), rows in shapes.items():
+        out += [f"### {b} images x {t} tokens, width {d}, {e} experts", ""]
+        out.append(_table(
+            ["variant", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "peak MiB", "peak ratio"],
+            [[r["label"], f"{r['fwd_ms']:.1f} ({r['fwd_iqr_ms']:.1f})", f"{r['fwd_ratio']:.3f}",
+              f"{r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_iqr_ms']:.1f})", f"{r['fwd_bwd_ratio']:.3f}",
+              _mb(r["peak_mem_bytes"]), _f(r["mem_ratio"], ".2f")] for r in rows]))
+        out.append("")
+    if res.get("memory_sweep"):
+        out += ["### Peak memory of one fwd+bwd vs the number of tokens", "",
+                "Linear growth = a constant marginal cost per added token (no tokens x experts x capacity "
+                "tensor anywhere).", ""]
+        out.append(_table(
+            ["variant", "images", "tokens", "peak MiB", "bytes/token", "marginal bytes/token"],
+            [[r["variant"], str(r["images"]), str(r["tokens"]), _mb(r["peak_mem_bytes"]),
+              f"{r['bytes_per_token']:.0f}", _f(r["marginal_bytes_per_token"], ".0f")] for r in res["memory_sweep"]]))
+        out.append("")
+    return "\n".join(out)
+
+
+def step_markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    mfu = s.get("peak_tflops") is not None
+    out = ["## Whole model: training step and sampling step", "", machine_line(res["machine"]),
+           f"Preset `{s['preset']}`" + (f" with {', '.join(s['overrides'])}" if s["overrides"] else "")
+           + f": width {s['hidden_size']}, depth {s['depth']}, {s['tokens_per_image']} tokens/image, "
+           f"{s['num_experts']} experts, f={s['capacity_factor']:g}, batch {s['batch']}, optimizer "
+           f"{s['optimizer']}; medians of {s['reps']} interleaved repetitions (IQR in brackets). "
+           "Step = forward + loss + backward + optimizer step on the DeepSpeed engine; sampling step = one "
+           "forward at the same batch without autograd. Ratios are to the FLOP-matched dense model; the "
+           "inference overhead is against the backbone-matched dense model, next to its theoretical value "
+           "from activated FLOPs.", ""]
+    header = ["model", "dense width", "GFLOP/image", "step ms", "images/s", "step ratio", "sample ms",
+              "sample ratio", "overhead vs dense backbone", "theoretical overhead", "train TFLOP/s"]
+    if mfu:
+        header += ["train MFU", "sample MFU"]
+    rows = []
+    for r in res["rows"]:
+        row = [r["label"], f"{r['dense_width_mult']:.3f}" if r["routing"] == "dense" else "-",
+               f"{r['flops_per_image'] / 1e9:.3f}", f"{r['step_ms']:.1f} ({r['step_iqr_ms']:.1f})",
+               f"{r['images_per_s']:.1f}", f"{r['step_ratio']:.3f}", f"{r['sample_ms']:.1f} ({r['sample_iqr_ms']:.1f})",
+               f"{r['sample_ratio']:.3f}", _pct(r["sample_overhead"]), _pct(r["theory_overhead"]),
+               f"{r['train_tflops']:.4f}"]
+        if mfu:
+            row += [f"{100 * r['train_mfu']:.1f}%", f"{100 * r['sample_mfu']:.1f}%"]
+        rows.append(row)
+    out += [_table(header, rows), ""]
+    if res.get("ep"):
+        out.append(ep_markdown(res["ep"]))
+    return "\n".join(out)
+
+
+def ep_markdown(ep: dict[str, Any]) -> str:
+    out = [f"### Expert parallelism: expert-choice training step, 1 process vs {ep['ep']} processes", "",
+           f"Preset `{ep['preset']}`, global batch {ep['batch']}, medians of {ep['reps']} steps; the processes "
+           "split the cores. All-to-all = time inside DeepSpeed's `_AllToAll` (forward and backward, every MoE "
+           "layer, including waiting for the other rank).", ""]
+    out.append(_table(
+        ["run", "threads/process", "step ms", "images/s", "step ratio", "all-to-all ms", "all-to-all share"],
+        [[r["run"], str(r["threads_per_process"]), f"{r['step_ms']:.1f}", f"{r['images_per_s']:.1f}",
+          f"{r['step_ratio']:.3f}", f"{r['a2a_ms']:.1f}", f"{100 * r['a2a_share']:.1f}%"] for r in ep["rows"]]))
+    out.append("")
+    return "\n".join(out)

@@ -1,0 +1,112 @@
+"""`ecdit bench moe` and `ecdit bench step`: the benchmarks of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Benchmarks: MoE layer and whole-model step time against dense at equal activated FLOPs.",
+                  no_args_is_help=True)
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu (fp32) or cuda (bf16, one GPU).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of markdown tables.")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write the markdown tables to FILE.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU intra-op threads (0 = torch's default).")]
+RepsOpt = Annotated[int, typer.Option("--reps", help="Interleaved repetitions per candidate (medians reported).")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed calls of each candidate first.")]
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return lambda msg: None
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    return lambda msg: console.print(f"[dim]{msg}[/]")
+
+
+def _emit(result: dict, markdown: str, as_json: bool, path: Optional[Path]) -> None:
+    if path is not None:
+        from ecdit_cli.utils import atomic_write_text
+
+        atomic_write_text(path, markdown + "\n")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(markdown)
+
+
+@app.command("moe")
+def moe(
+    images: Annotated[Optional[list[int]], typer.Option("--images", help="Images per batch (repeatable).")] = None,
+    tokens: Annotated[Optional[list[int]], typer.Option("--tokens", help="Tokens per image (repeatable).")] = None,
+    width: Annotated[Optional[list[int]], typer.Option("--width", help="Model width D (repeatable).")] = None,
+    experts: Annotated[Optional[list[int]], typer.Option("--experts", help="Number of experts (repeatable).")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Only these variants (repeatable); "
+                                                         "dense is always included.")] = None,
+    capacity_factor: Annotated[float, typer.Option("--capacity-factor", help="f: expert slots per token.")] = 2.0,
+    pool_tokens: Annotated[int, typer.Option("--pool-tokens", help="Tokens per pooled EC routing group.")] = 1024,
+    sweep: Annotated[Optional[list[int]], typer.Option("--sweep", help="Image counts of the memory sweep "
+                                                       "(repeatable; default 1 2 4 8 16).")] = None,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak memory (and the sweep).")] = True,
+    reps: RepsOpt = 10,
+    warmup: WarmupOpt = 2,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+    markdown: MarkdownOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Time one FFN layer: dense vs TC top-2 vs EC (per image, pooled) vs DeepSpeed top-2 vs MOELayer path.
+
+    The shapes are every combination of --images, --tokens, --width and --experts (default: 8 images x 256
+    tokens, widths 256 and 512, 8 experts).
+    """
+    from ecdit_cli.bench import bench_moe, moe_markdown, resolve_device, shapes_from_lists
+    from ecdit_cli.bench.timing import set_threads
+
+    dev = resolve_device(device)
+    set_threads(threads)
+    shapes = shapes_from_lists(images or [8], tokens or [256], width or [256, 512], experts or [8])
+    result = bench_moe(shapes, variant or None, reps=reps, warmup=warmup, device=dev,
+                       capacity_factor=capacity_factor, pool_tokens=pool_tokens, memory=memory,
+                       sweep_images=sweep or [1, 2, 4, 8, 16], on_progress=_progress(quiet))
+    _emit(result, moe_markdown(result), as_json, markdown)
+
+
+@app.command("step")
+def step(
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (see `ecdit info`).")] = "medium",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key (repeatable).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 32,
+    reps: RepsOpt = 5,
+    warmup: WarmupOpt = 1,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
+    peak_tflops: Annotated[Optional[float], typer.Option(
+        "--peak-tflops", help="Peak bf16 TFLOP/s of the device: adds model FLOP utilisation.")] = None,
+    ep: Annotated[int, typer.Option("--ep", help="Also run the EC step on this many expert-parallel processes "
+                                               "(CPU; 0 = skip).")] = 0,
+    as_json: JsonOpt = False,
+    markdown: MarkdownOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Time a training step and a sampling step of the dense, token-choice and expert-choice models."""
+    from ecdit_cli.bench import bench_ep, bench_step, resolve_device, step_markdown
+    from ecdit_cli.bench.timing import set_threads
+    from ecdit_cli.errors import EcditError
+
+    dev = resolve_device(device)
+    if ep and dev.type != "cpu":
+        raise EcditError("--ep runs on the CPU here (one GPU per process is not set up by the benchmark)")
+    set_threads(threads)
+    progress = _progress(quiet)
+    result = bench_step(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, device=dev,
+                        peak_tflops=peak_tflops, on_progress=progress)
+    if ep:
+        result["ep"] = bench_ep(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, ep=ep,
+                                on_progress=progress)
+    _emit(result, step_markdown(result), as_json, markdown)

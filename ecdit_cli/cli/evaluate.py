@@ -1,0 +1,174 @@
+"""`ecdit sample` (images from a run), `ecdit eval` (GenEval on the scenes), `ecdit analyze` (routing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+RunDir = Annotated[Path, typer.Argument(help="Run directory of a finished run (holds final/model.pt).")]
+CfgScale = Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")]
+Steps = Annotated[int, typer.Option("--steps", help="Euler steps from t=1 to t=0.")]
+Seed = Annotated[int, typer.Option("--seed", help="Noise seed: image j of prompt i depends only on (seed, i, j).")]
+Shift = Annotated[float, typer.Option("--shift", help="Timestep shift (SD3); >1 spends more steps at high noise.")]
+NoEma = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA weights.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when available).")]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from ecdit_cli.errors import EcditError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise EcditError(f"--device {name!r} is invalid: allowed: auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EcditError("--device cuda: no CUDA device is available")
+    return name
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    return console
+
+
+def _progress(console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
+
+
+def sample(
+    run_dir: RunDir,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption (repeatable): one grid row each.")] = None,
+    n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
+    cfg: CfgScale = 4.0,
+    steps: Steps = 30,
+    seed: Seed = 0,
+    shift: Shift = 1.0,
+    no_ema: NoEma = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz [default: RUN_DIR/samples/seed<SEED>.png].")] = None,
+    device: Device = "auto",
+) -> None:
+    """Sample images from a trained run: a labelled PNG grid (one row per prompt) and the raw images."""
+    import time
+
+    from ecdit_cli.errors import EcditError
+    from ecdit_cli.sample import check_settings, num_batches, sample_run, save_samples
+
+    if not prompt:
+        raise EcditError('give at least one --prompt, e.g. --prompt "a red circle left of a blue square"')
+    check_settings(n, cfg, steps, seed, shift)
+    console = _console()
+    target = out or Path(run_dir) / "samples" / f"seed{seed}.png"
+    if target.suffix.lower() != ".png":
+        raise EcditError(f"--out must be a .png file, got {target}")
+    t0 = time.time()
+    with _progress(console) as progress:
+        task = progress.add_task("sampling", total=steps * num_batches(len(prompt), n))
+        result = sample_run(run_dir, prompt, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift,
+                            use_ema=not no_ema, device=_device(device),
+                            on_step=lambda i, t: progress.update(task, advance=1),
+                            on_progress=lambda done, total: progress.update(task, description=f"{done}/{total} images"))
+    files = save_samples(result, target)
+    count = result.images.shape[0] * result.images.shape[1]
+    wall = result.settings["wall_time_s"]
+    console.print(f"wrote {files['png']} and {files['npz']}: {count} image(s) in {time.time() - t0:.1f} s; "
+                  f"sampling {wall:.1f} s ({wall / count:.3f} s/image at cfg {cfg:g}, {steps} steps)")
+
+
+def eval_(
+    run_dir: RunDir,
+    n: Annotated[int, typer.Option("-n", help="Images per prompt (GenEval: 4).")] = 4,
+    cfg: CfgScale = 4.0,
+    steps: Steps = 30,
+    seed: Seed = 0,
+    shift: Shift = 1.0,
+    per_tag: Annotated[Optional[int], typer.Option("--per-tag", help="Prompts per task tag [default: 32, 192 prompts].")] = None,
+    no_ema: NoEma = False,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of a table.")] = False,
+) -> None:
+    """GenEval on the built-in scenes, scored by the exact detector; writes RUN_DIR/eval.json and RUN_DIR/eval/."""
+    from rich.table import Table
+
+    from ecdit_cli import rundir
+    from ecdit_cli.evaluate import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_scores
+    from ecdit_cli.utils import to_json
+
+    console = _console()
+    with _progress(console) as progress:
+        task = progress.add_task("sampling prompts", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        doc = evaluate_run(run_dir, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift, per_tag=per_tag,
+                           use_ema=not no_ema, device=_device(device), on_progress=on_progress)
+    if as_json:
+        typer.echo(to_json(doc, indent=2))
+        return
+    table = Table(title=f"GenEval (scenes): {doc.get('run_id', run_dir)}, {doc['num_prompts']} prompts x {n} images")
+    table.add_column("task")
+    table.add_column("score %", justify="right")
+    for task_name, score in format_scores(doc):
+        table.add_row(task_name, score, style="bold" if task_name == "overall" else None)
+    console.print(table)
+    console.print(f"wrote {Path(run_dir) / rundir.EVAL} and {Path(run_dir) / EVAL_DIR}/ "
+                  f"(examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
+
+
+def analyze(
+    run_dir: RunDir,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption to sample (repeatable) [default: three evaluation prompts].")] = None,
+    n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
+    steps: Steps = 30,
+    cfg: CfgScale = 4.0,
+    seed: Seed = 0,
+    shift: Shift = 1.0,
+    scenes_per_tag: Annotated[int, typer.Option("--scenes-per-tag", help="Rendered scenes per task tag for the ground-truth analysis.")] = 8,
+    no_ema: NoEma = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: RUN_DIR/analyze].")] = None,
+    device: Device = "auto",
+) -> None:
+    """Where expert choice spends compute: heatmaps, distributions, objects vs background, specialisation."""
+    from rich.table import Table
+
+    from ecdit_cli.analyze import analyze_run, summary_rows
+
+    console = _console()
+    with console.status("analysing routing") as status:
+        doc, files = analyze_run(run_dir, out_dir=out, use_ema=not no_ema, device=_device(device), prompts=prompt,
+                                 n=n, steps=steps, cfg_scale=cfg, seed=seed, shift=shift,
+                                 scenes_per_tag=scenes_per_tag, on_stage=lambda s: status.update(s))
+    rows = summary_rows(doc)
+    if rows:
+        gt = doc["ground_truth"]
+        t_mid = gt["t"][len(gt["t"]) // 2]
+        table = Table(title=f"{doc['run_id']}: experts per token on rendered scenes at t = {t_mid:g} "
+                            f"({gt['num_scenes']} scenes; mean over all tokens {doc['slots_per_token']:g})")
+        for col in ("MoE block", "object", "background", "object / bg", "CV", "max share of E"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print("no rendered-scene analysis (the run was not trained on data.source=scenes)")
+    folder = files["json"].parent
+    console.print(f"wrote {folder}/: " + ", ".join(sorted(p.name for p in files.values())))

@@ -1,0 +1,209 @@
+"""GenEval on the built-in scenes: sample the fixed prompt set, score every image exactly.
+
+Mirrors GenEval (Ghosh et al. 2023, djghosh13/geneval; DATA.md): the fixed prompt set of
+`data.geneval.make_prompt_set` (six tags, drawn with a fixed seed so every run and every
+sampling seed sees the same prompts), `n` images per prompt (GenEval uses 4), each checked by the
+exact scene detector (`data/detector.py`); a tag's score is its share of correct images and
+`overall` the unweighted mean of the six tag scores (`data.geneval.score_images`).
+
+Files (run directory):
+
+    eval/prompts.jsonl   the prompt records, GenEval's metadata format (written first)
+    eval/images.npz      every sampled image: `images` (P, N, H, W, 3) uint8, `prompts`
+    eval/results.jsonl   one line per image: prompt_index, image_index, tag, prompt, correct, reason
+    eval/examples.png    example images per tag with pass/fail borders and the detector's reason
+    eval.json            the scores (keys below), written atomically and last
+
+An interrupted evaluation leaves the previous eval.json untouched (never half-written); it
+does not resume.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecdit_cli import __version__, rundir
+from ecdit_cli import sample as sampling
+from ecdit_cli.data import geneval
+from ecdit_cli.data.scenes import TAGS
+from ecdit_cli.errors import EcditError
+from ecdit_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, to_json
+
+EVAL_DIR = "eval"
+PROMPTS_FILE = "prompts.jsonl"
+IMAGES_FILE = "images.npz"
+RESULTS_FILE = "results.jsonl"
+EXAMPLES_FILE = "examples.png"
+DEFAULT_IMAGES_PER_PROMPT = 4  # GenEval's setting
+PROMPT_SET_SEED = 0  # the prompt set is fixed; --seed changes only the sampling noise
+EXAMPLES_PER_TAG = 6
+
+
+def check_scenes_run(cfg) -> None:
+    """GenEval needs the scenes' exact detector: only runs trained on `data.source=scenes` qualify."""
+    if cfg.data.source != "scenes":
+        raise EcditError(f"eval scores images of the built-in scenes; this run was trained on "
+                         f"data.source={cfg.data.source} (use `ecdit sample` to look at its images)")
+    if cfg.model.in_channels != 3:
+        raise EcditError(f"eval needs RGB images; this run has model.in_channels={cfg.model.in_channels}")
+
+
+def eval_model(
+    model,
+    cfg,
+    n: int = DEFAULT_IMAGES_PER_PROMPT,
+    cfg_scale: float = sampling.DEFAULT_CFG_SCALE,
+    steps: int = sampling.DEFAULT_STEPS,
+    seed: int = 0,
+    shift: float = sampling.DEFAULT_SHIFT,
+    per_tag: int | dict[str, int] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+    records: Sequence[dict[str, Any]] | None = None,
+) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
+    """(prompt records, images (P, N, H, W, 3) in [0, 1], `geneval.score_images` result).
+
+    The prompts are the fixed set for `per_tag` unless `records` are given. on_progress(
+    prompts_done, prompts_total) follows the sampling, one call per batch.
+    """
+    check_scenes_run(cfg)
+    records = list(records) if records is not None else geneval.make_prompt_set(PROMPT_SET_SEED, per_tag)
+    if not records:
+        raise EcditError("the prompt set is empty: --per-tag must be >= 1")
+    progress = None
+    if on_progress is not None:
+        def progress(done: int, total: int) -> None:
+            on_progress(done // n, len(records))
+    result = sampling.sample_images(model, cfg, [r["prompt"] for r in records], n, cfg_scale, steps, seed, shift,
+                                    batch_size=batch_size, on_progress=progress)
+    images = np.asarray(result.images)
+    scores = geneval.score_images(records, [list(imgs) for imgs in images])
+    return records, images, scores
+
+
+def eval_json(scores: dict[str, Any], settings: dict[str, Any], num_prompts: int, **extra: Any) -> dict[str, Any]:
+    """The eval.json document (what `collect` reads: overall, tasks, prompts_with_any_correct)."""
+    return {
+        "overall": scores["overall"],
+        "tasks": scores["tags"],
+        "prompts_with_any_correct": scores["prompts_with_any_correct"],
+        "heldout": scores["heldout"],
+        "num_images": scores["num_images"],
+        "num_prompts": num_prompts,
+        "missing_tags": scores["missing_tags"],
+        "settings": settings,
+        "ecdit_version": __version__,
+        **extra,
+    }
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    n: int = DEFAULT_IMAGES_PER_PROMPT,
+    cfg_scale: float = sampling.DEFAULT_CFG_SCALE,
+    steps: int = sampling.DEFAULT_STEPS,
+    seed: int = 0,
+    shift: float = sampling.DEFAULT_SHIFT,
+    per_tag: int | None = None,
+    use_ema: bool = True,
+    device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
+    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """Evaluate a finished run and write its files (module docstring); returns eval.json's content."""
+    from ecdit_cli.config import load_run_config
+    from ecdit_cli.model.load import load_run
+
+    run_dir = rundir.require_dir(run_dir, "run directory")
+    sampling.check_settings(n, cfg_scale, steps, seed, shift)
+    if per_tag is not None and per_tag < 1:
+        raise EcditError(f"--per-tag must be >= 1, got {per_tag}")
+    if rundir.is_run_dir(run_dir):
+        check_scenes_run(load_run_config(run_dir / rundir.CONFIG))  # fail before loading weights
+    model, cfg = load_run(run_dir, use_ema=use_ema, device=device)
+    check_scenes_run(cfg)
+    per_tag_n = geneval.DEFAULT_PER_TAG if per_tag is None else int(per_tag)
+    out = run_dir / EVAL_DIR
+    records = geneval.make_prompt_set(PROMPT_SET_SEED, per_tag_n)
+    geneval.write_prompts(out / PROMPTS_FILE, records)
+    t0 = time.time()
+    records, images, scores = eval_model(model, cfg, n, cfg_scale, steps, seed, shift, per_tag_n, on_progress,
+                                         batch_size, records)
+    wall = time.time() - t0
+    settings = {"cfg": float(cfg_scale), "steps": int(steps), "seed": int(seed), "n": int(n), "per_tag": per_tag_n,
+                "ema": bool(use_ema and cfg.train.ema_decay > 0), "shift": float(shift),
+                "prompt_set_seed": PROMPT_SET_SEED}
+    write_eval_files(out, records, images, scores["images"])
+    doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall)
+    atomic_write_json(run_dir / rundir.EVAL, doc)  # last: its presence means the eval finished
+    return doc
+
+
+def write_eval_files(out: Path, records: Sequence[dict[str, Any]], images: np.ndarray,
+                     per_image: Sequence[dict[str, Any]]) -> None:
+    """images.npz, results.jsonl and examples.png into `out` (each atomically)."""
+    images_u8 = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+    atomic_write_bytes(out / IMAGES_FILE, sampling.npz_bytes(images=images_u8,
+                                                             prompts=np.asarray([r["prompt"] for r in records])))
+    atomic_write_text(out / RESULTS_FILE, "".join(to_json(r) + "\n" for r in per_image))
+    atomic_write_bytes(out / EXAMPLES_FILE, sampling.figure_png(examples_figure(records, images, per_image)))
+
+
+def examples_figure(records: Sequence[dict[str, Any]], images: np.ndarray, per_image: Sequence[dict[str, Any]],
+                    per_tag: int = EXAMPLES_PER_TAG):
+    """One row per tag: the first image of its first prompts, framed green (correct) or red, with
+    the prompt above and the detector's verdict below."""
+    from matplotlib.figure import Figure
+
+    verdict = {(r["prompt_index"], r["image_index"]): r for r in per_image}
+    tags = [t for t in TAGS if any(r["tag"] == t for r in records)]
+    rows = {t: [i for i, r in enumerate(records) if r["tag"] == t][:per_tag] for t in tags}
+    ncols = max(1, max((len(v) for v in rows.values()), default=1))
+    fig = Figure(figsize=(max(6.0, 1.75 * ncols + 0.9), 2.15 * max(1, len(tags)) + 0.5), layout="constrained")
+    axes = fig.subplots(max(1, len(tags)), ncols, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for row, tag in enumerate(tags):
+        axes[row][0].text(-0.12, 0.5, tag.replace("_", " "), transform=axes[row][0].transAxes, rotation=90,
+                          ha="right", va="center", fontsize=9, fontweight="bold")
+        for col, p in enumerate(rows[tag]):
+            ax = axes[row][col]
+            ax.axis("on")
+            sampling.show_image(ax, images[p, 0])
+            v = verdict.get((p, 0), {"correct": False, "reason": "not scored"})
+            color = "#1a9641" if v["correct"] else "#d7191c"
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(color)
+                spine.set_linewidth(3)
+            ax.set_title("\n".join(textwrap.wrap(records[p]["prompt"], 22)), fontsize=7)
+            mark = "✓ correct" if v["correct"] else "✗ " + (v["reason"] or "wrong")
+            ax.set_xlabel("\n".join(textwrap.wrap(mark, 26)[:3]), fontsize=6.5, color=color)
+    correct = sum(bool(r["correct"]) for r in per_image)
+    fig.suptitle(f"GenEval examples: image 0 of each prompt\n{correct}/{len(per_image)} images correct overall "
+                 "(green: detector accepts; red: rejects, with its reason)", fontsize=9)
+    return fig
+
+
+def format_scores(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(task, percent) rows in GenEval's order, then overall, any-correct and held-out."""
+    rows = [(t, f"{100 * doc['tasks'][t]:.1f}") for t in TAGS if t in doc.get("tasks", {})]
+    rows.append(("overall", f"{100 * doc['overall']:.1f}" if doc.get("overall") is not None else "-"))
+    rows.append(("prompts with any correct", f"{100 * doc['prompts_with_any_correct']:.1f}"))
+    if doc.get("heldout") is not None:
+        rows.append(("held-out captions", f"{100 * doc['heldout']:.1f}"))
+    return rows
+
+
+def read_eval(run_dir: str | Path) -> dict[str, Any]:
+    """A run's eval.json (an EcditError when it has none)."""
+    from ecdit_cli.utils import read_json
+
+    return read_json(Path(run_dir) / rundir.EVAL, what="eval results")
+
