@@ -122,6 +122,16 @@ def expert_membership(r, num_tokens: int) -> torch.Tensor:
     return member[:num_tokens]
 
 
+def ground_truth_records(scenes_per_tag: int, seed: int) -> list[dict[str, Any]]:
+    """The evaluation prompts whose scenes are routed: `scenes_per_tag` per tag, shuffled once so
+    pooled routing groups mix tags (a group of one tag would hide differences between tags)."""
+    from ecdit_cli.data import geneval
+
+    records = geneval.make_prompt_set(0, scenes_per_tag)
+    order = np.random.default_rng([_GT_NOISE_SALT, seed]).permutation(len(records))
+    return [records[int(i)] for i in order]
+
+
 def ground_truth_inputs(cfg, records: Sequence[dict[str, Any]], t: float, t_index: int, seed: int
                         ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Rendered scenes for `records` (scene i drawn with index i) noised to t.
@@ -198,15 +208,11 @@ def ground_truth_analysis(model, cfg, scenes_per_tag: int, seed: int, batch_size
                           t_values: Sequence[float] = GT_T_VALUES) -> tuple[dict[str, Any], dict[str, Any],
                                                                             dict[str, Any], dict[str, np.ndarray]]:
     """(ground_truth, complexity, specialisation) sections of analyze.json, and raw arrays."""
-    from ecdit_cli.data import geneval
     from ecdit_cli.data.scenes import COLORS, SHAPES, TAGS
 
     E, p = cfg.moe.num_experts, cfg.model.patch_size
     blocks = [i for i in range(cfg.model.depth) if cfg.moe.is_moe_block(i)]
-    records = geneval.make_prompt_set(0, scenes_per_tag)
-    # Shuffled once so pooled routing groups mix tags (a group of one tag would hide the effect).
-    order = np.random.default_rng([_GT_NOISE_SALT, seed]).permutation(len(records))
-    records = [records[int(i)] for i in order]
+    records = ground_truth_records(scenes_per_tag, seed)
     prompts = [r["prompt"] for r in records]
     L, B = len(blocks), len(records)
     gt_layers = [{"block": b, **{k: [] for k in ("all_mean", "all_std", "cv", "max", "max_share", "unrouted_share",

@@ -16,6 +16,10 @@ A spec is a short YAML file:
       lr: [1.0e-3]
       seed: [0]
       moe.group_size: [0]    # any dotted config key is an axis too
+    exclude:                 # optional: drop points matching all of these axis values
+      - {size: tiny, routing: token_choice}
+    include:                 # optional: extra points (axes not given take the grid's first value)
+      - {size: small, routing: expert_choice, num_experts: 16}
 
 Rules:
 - Axes that do not apply to a routing are collapsed, not multiplied: dense ignores
@@ -66,7 +70,7 @@ AXES: dict[str, str] = {
 MOE_ONLY_AXES = {"num_experts", "capacity_factor", "top_k", "group_size", "moe.num_experts",
                  "moe.capacity_factor", "moe.top_k", "moe.group_size"}
 TC_ONLY_AXES = {"top_k", "moe.top_k"}
-SPEC_KEYS = ("name", "description", "base", "match", "grid")
+SPEC_KEYS = ("name", "description", "base", "match", "grid", "include", "exclude")
 MATCH_RULES = ("activated_flops", "backbone")
 ACCOUNTING_COLUMNS = ("dense_width_mult", "params_total", "params_active", "flops_per_image", "train_flops")
 
@@ -78,6 +82,8 @@ class StudySpec:
     grid: dict[str, list[Any]]
     match: str = "activated_flops"
     description: str = ""
+    include: list[dict[str, Any]] = field(default_factory=list)
+    exclude: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,8 +145,19 @@ def parse_spec(data: dict[str, Any], where: str = "spec") -> StudySpec:
         if r not in ROUTINGS:
             raise ConfigError(f"{where}: grid.routing value {r!r} is invalid: allowed: {', '.join(ROUTINGS)}"
                               + did_you_mean(str(r), ROUTINGS))
-    return StudySpec(name=name, base=base, grid=clean, match=match,
-                     description=str(data.get("description", "")), raw=data)
+    extra = {}
+    for key in ("include", "exclude"):
+        entries = data.get(key) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
+            raise ConfigError(f"{where}: '{key}' must be a list of mappings of axis -> value")
+        for i, entry in enumerate(entries):
+            for axis in entry:
+                if axis not in clean and not (key == "include" and axis in ("routing", *AXES)):
+                    raise ConfigError(f"{where}: {key}[{i}] uses axis '{axis}', which is not in the grid"
+                                      + did_you_mean(str(axis), clean))
+        extra[key] = entries
+    return StudySpec(name=name, base=base, grid=clean, match=match, description=str(data.get("description", "")),
+                     raw=data, include=extra["include"], exclude=extra["exclude"])
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -152,7 +169,7 @@ def _fmt(v: Any) -> str:
         s = f"{v:g}"
     else:
         s = str(v)
-    return re.sub(r"[^A-Za-z0-9.]+", "", s.replace("+", ""))
+    return re.sub(r"[^A-Za-z0-9.-]+", "", s.replace("+", ""))
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -182,9 +199,16 @@ def make_sweep(spec: StudySpec) -> list[SweepPoint]:
     grid.setdefault("routing", [spec.base.get("moe", {}).get("routing", "dense")])
     varying = {a for a, v in grid.items() if len(v) > 1}
 
+    combos = [dict(zip(axes, combo)) for combo in itertools.product(*(grid[a] for a in axes))]
+    combos = [c for c in combos if not any(all(c.get(a) == v for a, v in ex.items()) for ex in spec.exclude)]
+    for inc in spec.include:
+        combos.append({**{a: grid[a][0] for a in axes}, **inc})
+    for inc in spec.include:
+        for a in inc:
+            if a not in axes:
+                axes.append(a)
     seen: dict[tuple, SweepPoint] = {}
-    for combo in itertools.product(*(grid[a] for a in axes)):
-        values = dict(zip(axes, combo))
+    for values in combos:
         routing = values["routing"]
         point_axes = {a: (v if _applies(a, routing) else None) for a, v in values.items()}
         key = tuple(sorted((a, repr(v)) for a, v in point_axes.items()))
@@ -307,6 +331,8 @@ def axis_names(spec: StudySpec) -> list[str]:
     names = list(spec.grid)
     if "routing" not in names:
         names.insert(0, "routing")
+    for inc in spec.include:
+        names += [a for a in inc if a not in names]
     return names
 
 

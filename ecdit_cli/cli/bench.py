@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +28,16 @@ def _progress(quiet: bool):
 
     console = Console(stderr=True, highlight=False)
     return lambda msg: console.print(f"[dim]{msg}[/]")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Keep stdout for the results: DeepSpeed prints and logs to stdout (its logger binds the
+    stream at import, so it is imported here, inside the redirection)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+        yield
 
 
 def _emit(result: dict, markdown: str, as_json: bool, path: Optional[Path]) -> None:
@@ -71,9 +83,10 @@ def moe(
     dev = resolve_device(device)
     set_threads(threads)
     shapes = shapes_from_lists(images or [8], tokens or [256], width or [256, 512], experts or [8])
-    result = bench_moe(shapes, variant or None, reps=reps, warmup=warmup, device=dev,
-                       capacity_factor=capacity_factor, pool_tokens=pool_tokens, memory=memory,
-                       sweep_images=sweep or [1, 2, 4, 8, 16], on_progress=_progress(quiet))
+    with _stdout_to_stderr():
+        result = bench_moe(shapes, variant or None, reps=reps, warmup=warmup, device=dev,
+                           capacity_factor=capacity_factor, pool_tokens=pool_tokens, memory=memory,
+                           sweep_images=sweep or [1, 2, 4, 8, 16], on_progress=_progress(quiet))
     _emit(result, moe_markdown(result), as_json, markdown)
 
 
@@ -104,9 +117,10 @@ def step(
         raise EcditError("--ep runs on the CPU here (one GPU per process is not set up by the benchmark)")
     set_threads(threads)
     progress = _progress(quiet)
-    result = bench_step(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, device=dev,
-                        peak_tflops=peak_tflops, on_progress=progress)
-    if ep:
-        result["ep"] = bench_ep(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, ep=ep,
-                                on_progress=progress)
+    with _stdout_to_stderr():
+        result = bench_step(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, device=dev,
+                            peak_tflops=peak_tflops, on_progress=progress)
+        if ep:
+            result["ep"] = bench_ep(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, ep=ep,
+                                    on_progress=progress)
     _emit(result, step_markdown(result), as_json, markdown)

@@ -8,6 +8,16 @@ from typing import Optional
 import typer
 
 
+def fmt_count(x: float) -> str:
+    """1234567 -> '1.23M'; 9.7e10 -> '97.2B' (parameters, FLOPs)."""
+    if abs(x) >= 1e15:
+        return f"{x:.3g}"
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
 def exit_with(code: int) -> None:
     if code:
         raise typer.Exit(code)

@@ -6,7 +6,6 @@ Plain lines are used when stdout is not a terminal or with --quiet, so logs stay
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
@@ -16,8 +15,9 @@ from rich.progress import (
 
 from ecdit_cli.train.loop import Callbacks
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: long lines (paths, messages) stay whole in logs instead of wrapping at 80 columns.
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _fmt_num(x: float) -> str:
@@ -51,7 +51,6 @@ class TrainDisplay:
         self.progress = progress
         self.own_progress = False
         self.task: TaskID | None = None
-        self.last_print = 0.0
 
     def __enter__(self) -> TrainDisplay:
         if not self.plain and self.progress is None:
@@ -117,7 +116,3 @@ def make_progress() -> Progress:
         console=console,
         transient=False,
     )
-
-
-def now() -> float:
-    return time.time()

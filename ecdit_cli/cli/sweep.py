@@ -20,12 +20,13 @@ def sweep(
     from rich.console import Console
     from rich.table import Table
 
+    from ecdit_cli.cli.common import fmt_count
     from ecdit_cli.errors import EcditError
     from ecdit_cli.sweep import axis_names, launch_script, load_spec, make_sweep, write_study
 
     console = Console(highlight=False)
     if not console.is_terminal:
-        console.width = max(console.width, 140)
+        console.width = max(console.width, 160)
     if hostfile is not None and launcher is None:
         launcher = "deepspeed"
     s = load_spec(spec)
@@ -33,18 +34,18 @@ def sweep(
     study = out or Path("results") / s.name
     names = axis_names(s)
     table = Table(title=f"study {s.name}: {len(points)} points (match: {s.match})")
-    table.add_column("run_id")
+    table.add_column("run_id", no_wrap=True)
     for a in names:
         table.add_column(a, justify="right")
-    for col in ("FFN width x", "params total", "params active", "MFLOP/image", "train PFLOP"):
+    for col in ("FFN width x", "params total", "params active", "FLOP/image", "train FLOP"):
         table.add_column(col, justify="right")
     for p in points:
         row = p.manifest_row(names)
         table.add_row(
             p.run_id, *[str(row[a]) if row[a] != "" else "-" for a in names],
             f"{row['dense_width_mult']:.3f}" if p.config.moe.routing == "dense" else "-",
-            f"{row['params_total'] / 1e6:.2f}M", f"{row['params_active'] / 1e6:.2f}M",
-            f"{row['flops_per_image'] / 1e6:.1f}", f"{row['train_flops'] / 1e15:.3f}",
+            fmt_count(row["params_total"]), fmt_count(row["params_active"]),
+            fmt_count(row["flops_per_image"]), fmt_count(row["train_flops"]),
         )
     console.print(table)
     script = None
@@ -109,10 +110,11 @@ def status(
         return
     console = Console(highlight=False)
     if not console.is_terminal:
-        console.width = max(console.width, 140)
+        console.width = max(console.width, 160)
     colors = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
     table = Table(title=f"{study}")
-    for col in ("run_id", "state", "steps", "val loss", "wall time", "note"):
+    table.add_column("run_id", no_wrap=True)
+    for col in ( "state", "steps", "val loss", "wall time", "note"):
         table.add_column(col, justify="right" if col in ("steps", "val loss", "wall time") else "left")
     for r in rows:
         steps = f"{r['step']}/{r['steps']}" if r["steps"] else "-"

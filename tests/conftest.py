@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny trained runs of the debug preset (sample / eval / analyze tests)."""
+
+import pytest
+import torch
+
+TRAIN_OVERRIDES = ["train.steps=12", "train.batch_size=8", "data.val_size=8", "train.val_every=12",
+                   "train.ckpt_every=12", "train.log_every=6", "train.val_timesteps=2", "train.warmup_steps=2",
+                   "train.lr=3e-3"]
+
+
+def train_debug_run(run_dir, routing: str, *extra: str):
+    """Train a debug-preset run into `run_dir` (a few seconds on a CPU); returns run_dir."""
+    from ecdit_cli.config import resolve_config
+    from ecdit_cli.train.loop import train
+
+    cfg = resolve_config(preset="debug", overrides=[f"moe.routing={routing}", *TRAIN_OVERRIDES, *extra])
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ec_run(tmp_path_factory):
+    """A finished expert-choice run (8 experts, f = 2, per-image routing groups)."""
+    return train_debug_run(tmp_path_factory.mktemp("runs") / "ec", "expert_choice")
+
+
+@pytest.fixture(scope="session")
+def tc_run(tmp_path_factory):
+    """A finished token-choice run (8 experts, top-2, f = 2)."""
+    return train_debug_run(tmp_path_factory.mktemp("runs") / "tc", "token_choice")
