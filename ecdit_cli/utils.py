@@ -20,14 +20,15 @@ from typing import Any
 from ecdit_cli.errors import EcditError
 
 
-def _io_error(path: Path, err: OSError) -> EcditError:
+def io_error(path: Path, err: OSError, what: str = "write") -> EcditError:
+    """'cannot write PATH: no space left on device' for an OSError."""
     reason = {
         errno.ENOSPC: "no space left on device",
         errno.EROFS: "read-only file system",
         errno.EACCES: "permission denied",
         errno.EDQUOT: "disk quota exceeded",
     }.get(err.errno or 0, err.strerror or str(err))
-    return EcditError(f"cannot write {path}: {reason}")
+    return EcditError(f"cannot {what} {path}: {reason}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -36,7 +37,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise _io_error(path, err) from None
+        raise io_error(path, err) from None
     try:
         # mkstemp creates 0600 files; give the file the permissions a plain open() would.
         umask = os.umask(0)
@@ -52,7 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise _io_error(path, err) from None
+        raise io_error(path, err) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -98,7 +99,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        raise _io_error(path, err) from None
+        raise io_error(path, err) from None
 
 
 def read_jsonl(path: str | Path, warnings: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from ecdit_cli.model.moe import (
-    MoEFeedForward, SlotPlan, _Combine, _Dispatch, dispatch_combine, dispatch_combine_reference, segment_sum,
+    MoEFeedForward,
+    SlotPlan,
+    _Combine,
+    _Dispatch,
+    dispatch_combine,
+    dispatch_combine_reference,
+    segment_sum,
 )
 from ecdit_cli.model.routing import token_choice
 

@@ -4,12 +4,19 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from ecdit_cli.config import resolve_config
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.load import load_run
 from ecdit_cli.sample import (
-    DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, initial_noise, sample_images, save_samples,
+    DEFAULT_CFG_SCALE,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    initial_noise,
+    sample_images,
+    save_samples,
 )
 
 PROMPTS = ["a red circle", "two squares", "a blue triangle above a green square"]
@@ -160,3 +167,34 @@ def test_sample_command_reports_user_errors_in_one_line_and_exits_2(cli, ec_run,
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+class PointMassModel(torch.nn.Module):
+    """A stub whose velocity is exact for data at one point: (x - a) / t, a = A for captions, B for
+    the null caption. Euler then lands exactly on a, and guidance on (1 - s) B + s A."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+        self.text_encoder = None
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def tokenize(self, captions, strict=False):
+        return torch.ones(len(captions), 2, dtype=torch.long), torch.ones(len(captions), 2, dtype=torch.bool)
+
+    def forward(self, x, t, text, mask, drop=None):
+        from ecdit_cli.model.dit import DiTOutput
+
+        drop = torch.zeros(len(x), dtype=torch.bool) if drop is None else drop
+        target = torch.where(drop.view(-1, 1, 1, 1), self.b, self.a)
+        return DiTOutput((x - target) / t.view(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 1.5])
+def test_euler_sampling_with_guidance_lands_on_the_guided_target_of_an_exact_velocity(scale):
+    cfg = resolve_config(preset="debug")
+    a = torch.full((3, 32, 32), 0.5)
+    b = torch.full((3, 32, 32), -0.5)
+    images = sample_images(PointMassModel(a, b), cfg, ["x", "y"], n=2, steps=5, cfg_scale=scale).images
+    expected = ((1 - scale) * -0.5 + scale * 0.5 + 1) / 2
+    np.testing.assert_allclose(images, expected, atol=1e-5)

@@ -87,7 +87,7 @@ def run(out: str, preset: str, overrides: list[str], batch: int, reps: int, warm
         step_max = [max(r[0][i] for r in per_rank) for i in range(reps)]
         step_s = statistics.median(step_max)
         a2a_s = statistics.mean(statistics.median(r[1]) for r in per_rank)
-        share = statistics.mean(statistics.median(a / s for a, s in zip(r[1], r[0])) for r in per_rank)
+        share = statistics.mean(statistics.median(a / s for a, s in zip(r[1], r[0], strict=True)) for r in per_rank)
         result = {
             "processes": world, "ep_size": ep, "deepspeed_layer": deepspeed_layer or ep > 1,
             "threads_per_process": per_rank[0][2], "step_ms": 1e3 * step_s, "images_per_s": batch / step_s,

@@ -39,7 +39,6 @@ def _import_deepspeed_moe():
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     from deepspeed.moe.layer import MoE
     from deepspeed.moe.sharded_moe import MOELayer
-
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.ERROR)
@@ -304,7 +303,7 @@ class _Combine(torch.autograd.Function):
         g_JD = grad_SD.index_select(0, plan.gather_J)  # fresh tensor: safe to scale in place
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.linalg.vecdot(g_JD, y_JD).masked_fill_(plan.unused_J, 0.0)
+            grad_w = (g_JD * y_JD).sum(-1).masked_fill_(plan.unused_J, 0.0)  # faster than vecdot on CPU
         grad_y = g_JD.mul_(w_J.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
         return grad_y, grad_w, None
 

@@ -161,11 +161,11 @@ def token_choice(
 
     bounds = _group_bounds(S, g)
     caps = [expert_capacity(min(g, length), capacity_factor, E) for _, length in bounds]
-    total_C = sum(c * (length // min(g, length)) for c, (_, length) in zip(caps, bounds))
+    total_C = sum(c * (length // min(g, length)) for c, (_, length) in zip(caps, bounds, strict=True))
     # Flat slot ids in a buffer of E * total_C slots plus one scratch slot for dropped routes.
     slot_parts, keep_parts, tok_parts, gate_parts = [], [], [], []
     offset = 0  # first slot column of the current group within each expert's buffer
-    for (start, length), C in zip(bounds, caps):
+    for (start, length), C in zip(bounds, caps, strict=True):
         G = min(g, length)
         N = length // G
         e_NKG = expert_SK[start : start + length].view(N, G, K).permute(0, 2, 1)

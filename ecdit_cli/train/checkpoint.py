@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ecdit_cli.errors import EcditError
 from ecdit_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COMPLETE = "ecdit_complete.json"
@@ -45,7 +46,11 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], ema_st
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a stale partial save of this step (killed earlier)
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as err:
+        # The tag has no completion record, so a resume never picks it up.
+        raise EcditError(f"cannot write checkpoint {tag_dir}: {_reason(err, ckpt_dir)}") from None
     if ema_state is not None:
         buf = io.BytesIO()
         torch.save(ema_state, buf)
@@ -62,6 +67,25 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], ema_st
                 shutil.rmtree(partial, ignore_errors=True)
     _barrier()
     return tag
+
+
+def _reason(err: BaseException, where: Path) -> str:
+    """A short cause: torch.save reports a full disk as an opaque zip-writer error."""
+    import errno
+
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"no space left on device ({free // 1024} KiB free)"
+    cause = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        return {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied"}.get(cause.errno or 0, cause.strerror or str(cause))
+    return str(err)[:200]
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from ecdit_cli.errors import EcditError
+from ecdit_cli.utils import io_error
 
 
 class RunLock:
@@ -25,7 +26,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise EcditError(f"cannot create lock file {self.path}: {err.strerror}") from None
+            raise io_error(self.path, err, "create lock file") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -34,7 +34,7 @@ from ecdit_cli.config import RunConfig, config_from_dict, load_yaml, save_config
 from ecdit_cli.diffusion import interpolate, sample_timesteps, validation_timesteps
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.moe import hash_seed
-from ecdit_cli.utils import append_jsonl, atomic_write_json, rewrite_jsonl
+from ecdit_cli.utils import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
 
 
 class TrainingFailed(EcditError):
@@ -209,7 +209,10 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
         acc = None
         if main:
             save_config(cfg, run_dir / rundir.CONFIG)
-            log_file = open(run_dir / rundir.LOG, "a")
+            try:
+                log_file = open(run_dir / rundir.LOG, "a")
+            except OSError as err:
+                raise io_error(run_dir / rundir.LOG, err) from None
 
         def log(msg: str) -> None:
             if main:
@@ -305,15 +308,18 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
         log(f"start: {info}")
         cb.on_start(info)
 
-        # ---- signals: the first one stops at the next step boundary, a second one at once
-        stop = {"signal": 0}
+        # ---- signals: the first one stops at the next step boundary, a second one at once.
+        # A launcher forwards a terminal's Ctrl-C as a second signal within milliseconds, so
+        # signals in the first second count as one.
+        stop = {"signal": 0, "at": 0.0}
 
         def _handler(signum, frame):
-            if stop["signal"]:
+            if stop["signal"] and time.time() - stop["at"] > 1.0:
                 import os
 
-                os._exit(128 + signum)
-            stop["signal"] = signum
+                os._exit(128 + signum)  # every file is written atomically: nothing is left half-done
+            if not stop["signal"]:
+                stop["signal"], stop["at"] = signum, time.time()
 
         old_handlers = {}
         import threading
