@@ -14,42 +14,19 @@ from __future__ import annotations
 import base64
 import html
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ecdit_cli import __version__
 from ecdit_cli import collect as collect_mod
-from ecdit_cli.collect import CollectResult, series_labels, series_order, size_labels
+from ecdit_cli.analysis import FIT_X, Analysis, ChinchillaResult, analyse
+from ecdit_cli.collect import CollectResult, series_labels, size_labels
 from ecdit_cli.errors import EcditError
-from ecdit_cli.fit import (
-    FitError,
-    HoldoutResult,
-    PowerLawFit,
-    convergence_speedup,
-    effective_params,
-    fit_power_law,
-    fit_table,
-    holdout_largest,
-)
+from ecdit_cli.fit import HoldoutResult, PowerLawFit
 from ecdit_cli.utils import atomic_write_text
-
-FIT_X = {"params_active": "activated parameters", "train_flops": "training FLOPs"}
-MIN_SIZES = 3  # a saturating power law has 3 parameters
-
-
-@dataclass
-class Analysis:
-    """Every derived number of the report. Values that could not be computed hold a reason."""
-
-    fits: dict[str, dict[str, PowerLawFit | str]]  # x column -> series -> fit or why not
-    holdout: dict[str, dict[str, HoldoutResult | str]]
-    effective: pd.DataFrame  # one row per done MoE run
-    speedup: pd.DataFrame  # one row per MoE run with a dense run of the same size
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,188 +36,6 @@ class ReportFiles:
     figures: list[Path]
     data: CollectResult
     analysis: Analysis
-
-
-# ---------------------------------------------------------------------------------------------
-# Numbers
-
-
-def fit_groups(
-    df: pd.DataFrame, x: str, y: str, group: str | None = None, *, n_boot: int = 200, seed: int = 0
-) -> list[tuple[Any, PowerLawFit | str]]:
-    """`fit.fit_table`, one group at a time: a group that cannot be fitted gets its reason
-    instead of failing the others. Without `group`, one fit (errors propagate)."""
-    if group is None:
-        return [(None, fit_table(df, x, y, n_boot=n_boot, seed=seed)[0])]
-    if group not in df.columns:
-        fit_table(df, x, y, group, n_boot=0)  # raises FitError naming the missing column
-    out: list[tuple[Any, PowerLawFit | str]] = []
-    for key, idx in df.groupby(group, sort=True, dropna=False).indices.items():
-        try:
-            result = fit_table(df.iloc[idx], x, y, n_boot=n_boot, seed=seed)[0]
-            result.group = key
-            out.append((key, result))
-        except FitError as err:
-            out.append((key, str(err)))
-    return out
-
-
-def fit_csv(
-    path: str | Path,
-    x: str,
-    y: str,
-    group: str | None = None,
-    *,
-    n_boot: int = 200,
-    seed: int = 0,
-    all_rows: bool = False,
-) -> tuple[list[tuple[Any, PowerLawFit | str]], list[str]]:
-    """Fit a CSV file per group. Unless `all_rows`, a table with a `status` column (runs.csv)
-    keeps only its done runs, and rows without x or y are left out; the notes say what was."""
-    path = Path(path)
-    if not path.is_file():
-        raise EcditError(f"table not found: {path}")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise EcditError(f"{path} is not a readable CSV: {err}") from None
-    notes = []
-    if not all_rows:
-        if "status" in df.columns and (df["status"] != "done").any():
-            notes.append(
-                f"left out {int((df['status'] != 'done').sum())} row(s) whose status is not done "
-                "(--all-rows keeps them)"
-            )
-            df = df[df["status"] == "done"]
-        present = [c for c in (x, y) if c in df.columns]
-        blank = df[present].isna().any(axis=1) if present else pd.Series(False, index=df.index)
-        if blank.any():
-            notes.append(f"left out {int(blank.sum())} row(s) without {' or '.join(present)}")
-            df = df[~blank]
-    return fit_groups(df.reset_index(drop=True), x, y, group, n_boot=n_boot, seed=seed), notes
-
-
-def _done(runs: pd.DataFrame, x: str) -> pd.Series:
-    return (runs["status"] == "done") & runs["final_val_loss"].gt(0) & runs[x].gt(0)
-
-
-def analyse(data: CollectResult, n_boot: int = 200, seed: int = 0) -> Analysis:
-    runs = data.runs
-    series = series_labels(runs, data.axes)
-    routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
-    fits: dict[str, dict[str, PowerLawFit | str]] = {}
-    holdout: dict[str, dict[str, HoldoutResult | str]] = {}
-    for x in FIT_X:
-        fits[x], holdout[x] = {}, {}
-        ok = _done(runs, x)
-        for s in series_order(runs, series):
-            pts = runs[ok & (series == s)]
-            xs, ys = pts[x].to_numpy(dtype=float), pts["final_val_loss"].to_numpy(dtype=float)
-            n_sizes = len(np.unique(xs))
-            if n_sizes < MIN_SIZES:
-                fits[x][s] = f"{n_sizes} size(s) done; a saturating power law needs at least {MIN_SIZES}"
-            else:
-                try:
-                    fits[x][s] = fit_power_law(xs, ys, n_boot=n_boot, seed=seed, group=s)
-                except FitError as err:
-                    fits[x][s] = str(err)
-            if n_sizes < MIN_SIZES + 1:
-                holdout[x][s] = f"{n_sizes} size(s) done; the check needs at least {MIN_SIZES + 1}"
-            else:
-                try:
-                    holdout[x][s] = holdout_largest(xs, ys, n_boot=0, seed=seed, group=s)
-                except FitError as err:
-                    holdout[x][s] = str(err)
-    notes: list[str] = []
-    effective = _effective(runs, series, routing, fits["params_active"], notes)
-    speedup = _speedups(data, series, routing)
-    return Analysis(fits, holdout, effective, speedup, notes)
-
-
-def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:
-    cols = ["run_id", "series", "params_active", "params_total", "final_val_loss", "dense_equiv_params",
-            "multiplier_active", "multiplier_total", "reason"]  # fmt: skip
-    dense = [
-        f for s, f in fits.items() if isinstance(f, PowerLawFit) and (routing[series == s] == "dense").all()
-    ]
-    moe = runs[_done(runs, "params_active") & routing.ne("dense")]
-    if moe.empty:
-        return pd.DataFrame(columns=cols)
-    if len(dense) != 1:
-        why = "no dense fit" if not dense else f"{len(dense)} dense fits (ambiguous reference)"
-        notes.append(f"Effective-parameter multipliers not computed: {why}.")
-        return pd.DataFrame(columns=cols)
-    rows = []
-    for i, r in moe.iterrows():
-        e = effective_params(dense[0], float(r["params_active"]), float(r["final_val_loss"]))
-        rows.append(
-            [
-                r["run_id"],
-                series[i],
-                r["params_active"],
-                r["params_total"],
-                r["final_val_loss"],
-                e.n_equiv,
-                e.multiplier,
-                e.n_equiv / r["params_total"],
-                e.reason,
-            ]
-        )
-    return pd.DataFrame(rows, columns=cols)
-
-
-def _val_curve(curves: pd.DataFrame, run_id: str) -> pd.DataFrame:
-    c = curves[(curves["run_id"] == run_id) & (curves["metric"] == "val_loss")]
-    c = c[np.isfinite(c["value"]) & np.isfinite(c["step"])].sort_values("step")
-    return c.drop_duplicates("step", keep="last")
-
-
-def _speedups(data: CollectResult, series: pd.Series, routing: pd.Series) -> pd.DataFrame:
-    """Steps and FLOPs an MoE run needs to reach the final validation loss of the dense run of
-    the same size (same seed where there is a choice), as a fraction of the dense run's."""
-    runs = data.runs
-    size = size_labels(runs, data.axes)
-    cols = ["run_id", "series", "size", "dense_run", "target_loss", "steps_fraction", "flops_fraction",
-            "speedup_steps", "reason"]  # fmt: skip
-    rows = []
-    for i, r in runs[routing.ne("dense")].iterrows():
-        dense = runs[(routing == "dense") & (size == size[i]) & (runs["status"] == "done")]
-        if "seed" in dense and (dense["seed"] == r.get("seed")).any():
-            dense = dense[dense["seed"] == r.get("seed")]
-        if dense.empty:
-            continue
-        d = dense.iloc[0]
-        dc, mc = _val_curve(data.curves, d["run_id"]), _val_curve(data.curves, r["run_id"])
-        base = [r["run_id"], series[i], size[i], d["run_id"]]
-        if len(dc) < 2 or len(mc) < 2:
-            rows.append(base + [math.nan] * 4 + ["fewer than 2 validation records"])
-            continue
-        try:
-            by_step = convergence_speedup(dc["step"], dc["value"], mc["step"], mc["value"])
-            by_flops = convergence_speedup(dc["flops"], dc["value"], mc["flops"], mc["value"])
-        except FitError as err:
-            rows.append(base + [math.nan] * 4 + [str(err)])
-            continue
-        reason = by_step.reason
-        if reason and r["status"] == "failed":
-            reason = f"not reached before it failed at step {fmt_num(r['step'])}"
-        elif reason and r["status"] != "done":
-            reason = f"not reached yet ({r['status']} at step {fmt_num(r['step'])})"
-        rows.append(
-            base
-            + [
-                by_step.target_loss,
-                _nan(by_step.fraction),
-                _nan(by_flops.fraction),
-                _nan(by_step.speedup),
-                reason,
-            ]
-        )
-    return pd.DataFrame(rows, columns=cols)
-
-
-def _nan(v: float | None) -> float:
-    return math.nan if v is None else float(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +119,25 @@ def _speedup_table(sp: pd.DataFrame) -> Table:
              _pct(r.flops_fraction), fmt_num(r.speedup_steps, 3) + ("×" if math.isfinite(r.speedup_steps) else ""),
              r.reason] for r in sp.itertuples()]  # fmt: skip
     return head, rows
+
+
+def _chinchilla_tables(ch: dict[str, ChinchillaResult | str]) -> tuple[Table, Table]:
+    fit_rows, opt_rows = [], []
+    for routing, res in ch.items():
+        if isinstance(res, str):
+            fit_rows.append([routing] + ["-"] * 6 + [res])
+            continue
+        f = res.fit
+        fit_rows.append([routing, fmt_num(f.E), fmt_num(f.A), _ci(f, "alpha"), fmt_num(f.B), _ci(f, "beta"),
+                         str(res.n_points), "; ".join(f.warnings) or f"rmse(log) {fmt_num(f.rmse_log, 3)}"])
+        o = res.optimal
+        for c, n, d, loss in zip(o.C, o.N_opt, o.D_opt, o.loss_opt, strict=False):
+            opt_rows.append([routing, fmt_num(c, 3), fmt_num(n, 3), fmt_num(d, 3), fmt_num(loss),
+                             f"{o.a:.2f} / {o.b:.2f}"])
+    fits = (["series", "E", "A", "alpha [95% CI]", "B", "beta [95% CI]", "points", "quality / notes"], fit_rows)
+    opts = (["series", "budget C (FLOPs)", "N_opt (activated params)", "D_opt (images)", "fitted loss",
+             "N ~ C^a / D ~ C^b"], opt_rows)
+    return fits, opts
 
 
 def _runs_table(data: CollectResult) -> Table:
@@ -477,6 +291,19 @@ def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> li
         doc.append(("table", _speedup_table(an.speedup)))
     else:
         doc.append(("p", "No MoE run has a done dense run of the same size yet."))
+    if an.chinchilla:
+        fits, opts = _chinchilla_tables(an.chinchilla)
+        doc += [
+            ("h2", "Size and budget together: L(N, D) = E + A/N^alpha + B/D^beta"),
+            ("p", "Fitted per series on every validation record past 20% of its run (N = activated "
+                  "parameters, D = training images seen), Huber loss in log space (Hoffmann et al. 2022, "
+                  "approach 3). Points along one run share its learning-rate schedule, so with a decaying "
+                  "schedule intermediate points overstate the loss; budgets C are training FLOPs "
+                  "(C = k N D, k from the runs' own accounting)."),
+            ("table", fits),
+            ("h3", "Compute-optimal allocation implied by the fit"),
+            ("table", opts) if opts[1] else ("p", "No series has a fit with alpha, beta > 0."),
+        ]
     doc += [
         ("h2", "Per-run final numbers"),
         ("p", "For runs that are not done, the loss columns hold the latest logged values."),

@@ -49,7 +49,14 @@ import yaml
 from ecdit_cli import rundir
 from ecdit_cli.accounting import count, dense_width_for_flops
 from ecdit_cli.config import (
-    ROUTING_ABBREV, ROUTINGS, RunConfig, config_from_dict, deep_merge, load_run_config, load_yaml, resolve_config,
+    ROUTING_ABBREV,
+    ROUTINGS,
+    RunConfig,
+    config_from_dict,
+    deep_merge,
+    load_run_config,
+    load_yaml,
+    resolve_config,
 )
 from ecdit_cli.errors import ConfigError, EcditError, did_you_mean
 from ecdit_cli.utils import atomic_write_text

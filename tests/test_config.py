@@ -3,7 +3,12 @@
 import pytest
 
 from ecdit_cli.config import (
-    config_from_dict, load_run_config, overrides_to_dict, parse_override, resolve_config, save_config,
+    config_from_dict,
+    load_run_config,
+    overrides_to_dict,
+    parse_override,
+    resolve_config,
+    save_config,
 )
 from ecdit_cli.errors import ConfigError
 

@@ -247,7 +247,7 @@ def test_a_read_only_run_directory_is_a_clear_error_naming_the_path(tmp_path):
         with pytest.raises(EcditError, match=f"cannot .*{ro}.*(read-only file system|permission denied)"):
             train(cfg_for(4), ro / "run")
     finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
 def test_a_full_disk_during_checkpointing_fails_clearly_and_leaves_no_sealed_partial_checkpoint(tmp_path):
@@ -266,4 +266,4 @@ def test_a_full_disk_during_checkpointing_fails_clearly_and_leaves_no_sealed_par
         if (small / "run" / rundir.SUMMARY).exists():
             assert json.loads((small / "run" / rundir.SUMMARY).read_text())["status"] in ("failed", "running")
     finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

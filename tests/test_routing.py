@@ -6,9 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecdit_cli.model.moe import FeedForward, GroupedExperts, MoEFeedForward, dispatch_combine
+from ecdit_cli.model.moe import FeedForward, GroupedExperts, MoEFeedForward
 from ecdit_cli.model.routing import (
-    expert_capacity, expert_choice, load_balancing_loss, slots_to_routes, token_choice,
+    expert_capacity,
+    expert_choice,
+    load_balancing_loss,
+    slots_to_routes,
+    token_choice,
 )
 
 torch.manual_seed(0)

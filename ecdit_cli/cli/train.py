@@ -148,7 +148,7 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
     from rich.progress import Progress
 
     from ecdit_cli import rundir
-    from ecdit_cli.cli.progress import TrainDisplay, console, err_console, make_progress
+    from ecdit_cli.cli.progress import console, err_console, make_progress
     from ecdit_cli.config import load_run_config
     from ecdit_cli.errors import EcditError
     from ecdit_cli.sweep import read_manifest
@@ -170,7 +170,7 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
     pending = [t for t in todo if t[2] != "done"]
     console.print(f"study {study}: {len(todo)} point(s), {len(todo) - len(pending)} done, {len(pending)} to train")
     if dry_run:
-        for run_id, run_dir, status in todo:
+        for run_id, _, status in todo:
             console.print(f"  {run_id}: {status}", markup=False)
         return 0
     failed, t0 = [], time.time()

@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
+    from rich.markup import escape
+
     from ecdit_cli.cli.progress import TrainDisplay, err_console
     from ecdit_cli.config import load_run_config
     from ecdit_cli.errors import EcditError
-    from rich.markup import escape
-
     from ecdit_cli.train.loop import TrainingFailed, TrainingInterrupted, train
 
     rank = int(os.environ.get("RANK", "0"))

@@ -186,7 +186,14 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
     """Train one run into `run_dir` (resuming it if it holds checkpoints); returns the summary."""
     from ecdit_cli.train import checkpoint
     from ecdit_cli.train.engine import (
-        all_reduce, batch_layout, build_engine, grad_norm, lr_at, resolve_precision, set_lr, setup_distributed,
+        all_reduce,
+        batch_layout,
+        build_engine,
+        grad_norm,
+        lr_at,
+        resolve_precision,
+        set_lr,
+        setup_distributed,
     )
     from ecdit_cli.train.lock import RunLock
 
