@@ -280,8 +280,9 @@ def ground_truth_analysis(model, cfg, scenes_per_tag: int, seed: int, batch_size
         "layers": comp_layers,
     }
     spec = {
-        "colours": list(COLORS), "shapes": list(SHAPES), "objects_per_colour": colour_n.astype(int).tolist(),
-        "objects_per_shape": shape_n.astype(int).tolist(),
+        "colours": list(COLORS), "shapes": list(SHAPES),
+        "objects_per_colour": (colour_n / len(t_values)).astype(int).tolist(),  # objects (each seen at every t)
+        "objects_per_shape": (shape_n / len(t_values)).astype(int).tolist(),
         "note": ("share of an object's tokens (coverage-weighted) that each expert processes, averaged over "
                  "the objects of a colour / shape and over t; background: the same over background area"),
         "layers": [{"block": b,

@@ -16,11 +16,13 @@ from ecdit_cli.analyze import (
     ground_truth_records,
     object_coverage,
     patch_shares,
+    token_choice_figure,
 )
 from ecdit_cli.config import resolve_config, save_config
 from ecdit_cli.data.scenes import SceneSpec, scene_for_metadata
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.load import load_run
+from ecdit_cli.plot import save_figure
 
 SETTINGS = {"prompts": ["a red circle", "two squares"], "n": 2, "steps": 4, "scenes_per_tag": 2}
 FIGURES = ("heatmaps", "experts_histogram", "object_vs_background", "complexity", "specialisation")
@@ -133,7 +135,8 @@ def test_pooled_routing_groups_give_images_different_compute_averaging_to_the_ca
 
 
 def test_token_choice_run_reports_expert_load_and_dropped_share_per_step(tc_run, tmp_path):
-    doc, files = analyze_run(tc_run, out_dir=tmp_path, **SETTINGS)
+    model, cfg = load_run(tc_run)
+    doc, result, _ = analyze_model(model, cfg, **SETTINGS)
     tc = doc["token_choice"]
     routes = 2 * 2 * 64 * 2  # prompts x images x tokens x top_k
     assert tc["routes_per_step"] == routes and len(tc["t"]) == SETTINGS["steps"]
@@ -142,8 +145,9 @@ def test_token_choice_run_reports_expert_load_and_dropped_share_per_step(tc_run,
         assert (requested.sum(1) == routes).all()
         assert (kept <= requested).all()
         assert layer["dropped_share"] == pytest.approx(list(1 - kept.sum(1) / routes))
-    assert (tmp_path / "token_choice_load.png").exists() and (tmp_path / "token_choice_load.svg").exists()
     assert all(0 <= layer["all_mean"][0] <= 2 for layer in doc["ground_truth"]["layers"])
+    files = save_figure(token_choice_figure(doc), tmp_path, "token_choice_load")
+    assert files["png"].read_bytes()[:4] == b"\x89PNG" and files["svg"].exists()
 
 
 def test_a_dense_run_has_no_routing_to_analyse(tmp_path):
@@ -160,12 +164,15 @@ def cli():
     return app
 
 
-def test_analyze_command_prints_objects_vs_background_and_writes_the_files(cli, ec_run, tmp_path):
+def test_analyze_command_prints_objects_vs_background_and_writes_the_files(cli, ec_run, tmp_path, monkeypatch):
+    import ecdit_cli.analyze
+
+    monkeypatch.setattr(ecdit_cli.analyze, "write_figures", lambda doc, result, out: {})  # tested above; slow
     res = CliRunner().invoke(cli, ["analyze", str(ec_run), "-p", "a blue square", "-n", "1", "--steps", "3",
                                    "--scenes-per-tag", "1", "--device", "cpu", "-o", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert "object" in res.output and "background" in res.output
-    assert (tmp_path / "a" / "analyze.json").exists() and (tmp_path / "a" / "heatmaps.svg").exists()
+    assert (tmp_path / "a" / "analyze.json").exists() and (tmp_path / "a" / "routing.npz").exists()
 
 
 def test_analyze_command_on_a_dense_run_exits_2_with_one_line(cli, tmp_path, capsys):

