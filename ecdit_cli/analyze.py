@@ -515,7 +515,7 @@ def histogram_figure(doc: dict[str, Any]):
         for k in range(nb):
             lo, hi = hs["t_bins"][k]
             ax.plot(hs["experts"], share[li, k], marker="o", ms=3, color=cmap(k / max(1, nb - 1)),
-                    label=f"t in [{lo:.1f}, {hi:.1f})")
+                    label=f"t in [{lo:.1f}, {hi:.1f}{']' if k == nb - 1 else ')'}")
         ax.set_title(f"block {doc['moe_blocks'][li]}", fontsize=9)
         ax.set_xlabel(UNIT)
         ax.grid(alpha=0.3)
@@ -554,7 +554,7 @@ def object_figure(doc: dict[str, Any]):
         ax.plot(gt["t"], gt["layers"][li]["cv"], "o-", label=f"block {doc['moe_blocks'][li]}")
     ax.set_xlabel("t (1 = noise)")
     ax.set_ylabel(f"CV of {UNIT} (std / mean)")
-    ax.set_title("spread per layer (higher = more concentrated)", fontsize=9)
+    ax.set_title("spread per layer (higher: more concentrated)", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _title(fig, f"{doc['run_id']}: compute on objects vs background ({gt['num_scenes']} rendered scenes per t; "

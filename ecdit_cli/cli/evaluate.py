@@ -63,7 +63,7 @@ def sample(
     seed: Seed = 0,
     shift: Shift = 1.0,
     no_ema: NoEma = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz [default: RUN_DIR/samples/seed<SEED>.png].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz (default: RUN_DIR/samples/seed<SEED>.png).")] = None,
     device: Device = "auto",
 ) -> None:
     """Sample images from a trained run: a labelled PNG grid (one row per prompt) and the raw images."""
@@ -100,7 +100,7 @@ def eval_(
     steps: Steps = 30,
     seed: Seed = 0,
     shift: Shift = 1.0,
-    per_tag: Annotated[Optional[int], typer.Option("--per-tag", help="Prompts per task tag [default: 32, 192 prompts].")] = None,
+    per_tag: Annotated[Optional[int], typer.Option("--per-tag", help="Prompts per task tag (default: 32, i.e. 192 prompts).")] = None,
     no_ema: NoEma = False,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of a table.")] = False,
@@ -136,7 +136,7 @@ def eval_(
 
 def analyze(
     run_dir: RunDir,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption to sample (repeatable) [default: three evaluation prompts].")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption to sample, repeatable (default: three evaluation prompts).")] = None,
     n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
     steps: Steps = 30,
     cfg: CfgScale = 4.0,
@@ -144,7 +144,7 @@ def analyze(
     shift: Shift = 1.0,
     scenes_per_tag: Annotated[int, typer.Option("--scenes-per-tag", help="Rendered scenes per task tag for the ground-truth analysis.")] = 8,
     no_ema: NoEma = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: RUN_DIR/analyze].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default: RUN_DIR/analyze).")] = None,
     device: Device = "auto",
 ) -> None:
     """Where expert choice spends compute: heatmaps, distributions, objects vs background, specialisation."""
