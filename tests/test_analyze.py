@@ -16,8 +16,8 @@ from ecdit_cli.analyze import (
     ground_truth_records,
     object_coverage,
     patch_shares,
-    token_choice_figure,
 )
+from ecdit_cli.analyze_figures import token_choice_figure
 from ecdit_cli.config import resolve_config, save_config
 from ecdit_cli.data.scenes import SceneSpec, scene_for_metadata
 from ecdit_cli.errors import EcditError
