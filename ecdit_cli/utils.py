@@ -60,6 +60,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def prepare_deepspeed_import() -> None:
+    """Tell DeepSpeed its accelerator before it is imported.
+
+    Left to guess on a machine without GPUs it logs a warning on every start, which would be
+    a second line next to every one-line error of the CLI.
+    """
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()

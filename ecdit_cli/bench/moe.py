@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ecdit_cli.bench.timing import interleaved, machine_info, peak_memory, summary
+from ecdit_cli.bench.timing import interleaved, load_average, machine_info, peak_memory, summary
 from ecdit_cli.errors import EcditError
 
 VARIANTS = ("dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer")
@@ -252,5 +252,6 @@ def bench_moe(shapes: list[LayerShape], variants: list[str] | None = None, reps:
         "settings": {"reps": reps, "warmup": warmup, "capacity_factor": capacity_factor,
                      "pool_tokens": pool_tokens, "variants": variants, "aux_loss_weight": AUX_WEIGHT},
         "rows": rows,
+        "load_avg_1m_end": load_average(),
         "memory_sweep": sweep,
     }

@@ -24,20 +24,20 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.1f}%"
 
 
-def machine_line(m: dict[str, Any]) -> str:
+def machine_line(m: dict[str, Any], load_end: float | None = None) -> str:
     parts = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads", f"torch {m['torch']}",
              f"deepspeed {m.get('deepspeed')}", f"{m['device']} {m['dtype']}"]
     if m.get("gpu"):
         parts.insert(0, m["gpu"])
     if m.get("load_avg_1m") is not None:
-        parts.append(f"load average {m['load_avg_1m']} at start")
+        parts.append(f"load average {m['load_avg_1m']} at start" + (f", {load_end} at end" if load_end is not None else ""))
     return "Machine: " + "; ".join(parts) + "."
 
 
 def moe_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     out = ["## MoE layer: one FFN layer vs a dense FFN with the same activated FLOPs", "",
-           machine_line(res["machine"]),
+           machine_line(res["machine"], res.get("load_avg_1m_end")),
            f"Medians of {s['reps']} interleaved repetitions (IQR in brackets), after {s['warmup']} warm-up calls; "
            f"capacity factor f={s['capacity_factor']:g} (dense hidden width f x 4D); pooled groups of "
            f"{s['pool_tokens']} tokens; forward without autograd; fwd+bwd with a fixed upstream gradient "
@@ -69,11 +69,12 @@ def moe_markdown(res: dict[str, Any]) -> str:
 def step_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     mfu = s.get("peak_tflops") is not None
-    out = ["## Whole model: training step and sampling step", "", machine_line(res["machine"]),
+    out = ["## Whole model: training step and sampling step", "", machine_line(res["machine"], res.get("load_avg_1m_end")),
            f"Preset `{s['preset']}`" + (f" with {', '.join(s['overrides'])}" if s["overrides"] else "")
            + f": width {s['hidden_size']}, depth {s['depth']}, {s['tokens_per_image']} tokens/image, "
            f"{s['num_experts']} experts, f={s['capacity_factor']:g}, batch {s['batch']}, optimizer "
            f"{s['optimizer']}; medians of {s['reps']} interleaved repetitions (IQR in brackets). "
+           f"The FLOP-matched dense FFN width is rounded to a multiple of {s.get('width_multiple', 1)}. "
            "Step = forward + loss + backward + optimizer step on the DeepSpeed engine; sampling step = one "
            "forward at the same batch without autograd. Ratios are to the FLOP-matched dense model; the "
            "inference overhead is against the backbone-matched dense model, next to its theoretical value "

@@ -151,7 +151,7 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": device.type,
         "dtype": str(dtype).replace("torch.", ""),
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_avg_1m": load_average(),
     }
     try:
         import deepspeed
@@ -162,6 +162,11 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def load_average() -> float | None:
+    """1-minute load average (None where the OS has none): > the cores means contended timings."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def set_threads(threads: int) -> None:

@@ -101,6 +101,8 @@ def step(
     threads: ThreadsOpt = 0,
     peak_tflops: Annotated[Optional[float], typer.Option(
         "--peak-tflops", help="Peak bf16 TFLOP/s of the device: adds model FLOP utilisation.")] = None,
+    width_multiple: Annotated[int, typer.Option(
+        "--width-multiple", help="Round the FLOP-matched dense FFN width to a multiple of this (1 = exact).")] = 64,
     ep: Annotated[int, typer.Option("--ep", help="Also run the EC step on this many expert-parallel processes "
                                                "(CPU; 0 = skip).")] = 0,
     as_json: JsonOpt = False,
@@ -119,7 +121,7 @@ def step(
     progress = _progress(quiet)
     with _stdout_to_stderr():
         result = bench_step(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, device=dev,
-                            peak_tflops=peak_tflops, on_progress=progress)
+                            peak_tflops=peak_tflops, width_multiple=width_multiple, on_progress=progress)
         if ep:
             result["ep"] = bench_ep(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, ep=ep,
                                     on_progress=progress)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ecdit_cli import RUN_FORMAT_VERSION, rundir
-from ecdit_cli.config import RunConfig, config_from_dict
+from ecdit_cli.config import RunConfig, config_from_dict, load_run_config
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.t2i import TextToImage
 
@@ -15,6 +15,8 @@ from ecdit_cli.model.t2i import TextToImage
 def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu") -> tuple[TextToImage, RunConfig]:
     """(model in eval mode, its config). The MoE layers run locally (ep_size 1)."""
     run_dir = rundir.require_dir(run_dir, "run directory")
+    if rundir.is_run_dir(run_dir):
+        load_run_config(run_dir)  # refuses a run directory written by another format version
     path = run_dir / rundir.FINAL_WEIGHTS
     if not path.exists():
         status = rundir.run_status(run_dir) if rundir.is_run_dir(run_dir) else "not a run directory"

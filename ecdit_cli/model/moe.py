@@ -35,13 +35,14 @@ def hash_seed(*parts: int) -> int:
 
 
 def _import_deepspeed_moe():
-    # DeepSpeed logs its accelerator choice at import; keep our CLI output clean.
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    from ecdit_cli.utils import prepare_deepspeed_import
+
+    prepare_deepspeed_import()
     from deepspeed.moe.layer import MoE
     from deepspeed.moe.sharded_moe import MOELayer
     from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel(logging.ERROR)
+    ds_logger.setLevel(logging.WARNING)
     return MoE, MOELayer
 
 

@@ -86,6 +86,9 @@ def setup_distributed(cfg: RunConfig) -> DistInfo:
 
     import sys
 
+    from ecdit_cli.utils import prepare_deepspeed_import
+
+    prepare_deepspeed_import()
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (the module, not torch: see sys.modules below)
 
@@ -148,11 +151,16 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, precision: str, world_s
         raise ConfigError(
             f"moe.ep_size={cfg.moe.ep_size} is invalid: must divide the number of processes ({world_size})"
         )
+    import contextlib
+    import io
+
     optimizer = build_optimizer(cfg, model)
     try:
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, precision)
-        )
+        # DeepSpeed print()s its MoE group creation on every rank; progress output is ours.
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, precision)
+            )
     except AssertionError as err:
         # E.g. ZeRO-3 with native MoE layers ("MoE not supported with Stage 3").
         raise EcditError(f"DeepSpeed refused the configuration: {err}") from None

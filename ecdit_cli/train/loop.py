@@ -30,7 +30,7 @@ import torch
 
 from ecdit_cli import __version__, rundir
 from ecdit_cli.accounting import count
-from ecdit_cli.config import RunConfig, config_from_dict, load_yaml, save_config
+from ecdit_cli.config import RunConfig, load_run_config, save_config
 from ecdit_cli.diffusion import interpolate, sample_timesteps, validation_timesteps
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.moe import hash_seed
@@ -75,7 +75,7 @@ def check_resume_compatible(cfg: RunConfig, run_dir: Path) -> None:
     path = run_dir / rundir.CONFIG
     if not path.exists():
         return
-    old = config_from_dict(load_yaml(path))
+    old = load_run_config(path)  # also refuses a run directory of another format version
     a, b = _flat(old.to_dict()), _flat(cfg.to_dict())
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES | {"name"})
     if changed:
