@@ -22,8 +22,10 @@ def _run(cmd, cwd):
 
 
 def test_two_processes_with_expert_parallelism_give_the_loss_and_gradients_of_one_process(tmp_path):
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HELPER),
-          str(tmp_path / "ep2"), "2", ROUTINGS], tmp_path)
+    from ecdit_cli.train.launch import free_port
+
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+          str(HELPER), str(tmp_path / "ep2"), "2", ROUTINGS], tmp_path)
     _run([sys.executable, str(HELPER), str(tmp_path / "ep1"), "1", ROUTINGS], tmp_path)
     for routing in ROUTINGS.split(","):
         one = torch.load(tmp_path / f"ep1-{routing}.pt")
