@@ -84,7 +84,7 @@ def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
     P["embedders"] = (
         p2c * D + D  # x_embedder (conv as linear)
         + _linear(FREQ_EMBED, D) + _linear(D, D)  # t_embedder
-        + _linear(W, D) + _linear(D, D) + W  # y_embedder incl. null caption
+        + _linear(W, D) + _linear(D, D) + 2 * D + W  # y_embedder: MLP, LayerNorm, null caption
     )
     attn = _linear(D, D) + _linear(D, kv) + _linear(D, D)
     P["self_attention"] = m.depth * attn

@@ -92,7 +92,7 @@ def test_bench_step_reports_every_model_with_ratios_and_inference_overheads(runn
     rows = {r["model"]: r for r in out["rows"]}
     assert list(rows) == ["dense_flops", "token_choice", "expert_choice", "dense"]
     assert rows["dense_flops"]["step_ratio"] == 1.0 and rows["dense"]["sample_overhead"] == 0.0
-    # The FLOP-matched dense model has the EC model's activated FLOPs (to under 1%: its width is rounded to a multiple of 64).
+    # The FLOP-matched dense model has EC's activated FLOPs (to < 1%: its width is a multiple of 64).
     assert rows["dense_flops"]["flops_per_image"] == pytest.approx(rows["expert_choice"]["flops_per_image"], rel=1e-2)
     assert rows["expert_choice"]["theory_overhead"] > 0
     for r in rows.values():

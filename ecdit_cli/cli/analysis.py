@@ -75,8 +75,8 @@ def fit(
     seed: Seed = 0,
 ) -> None:
     """Fit the saturating power law L = E + A X^-alpha, with 95% bootstrap CIs, per group."""
-    from ecdit_cli.errors import EcditError
     from ecdit_cli.analysis import fit_csv
+    from ecdit_cli.errors import EcditError
     from ecdit_cli.utils import to_json
 
     results, notes = fit_csv(table, x, y, group, n_boot=n_boot, seed=seed, all_rows=all_rows)

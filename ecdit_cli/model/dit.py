@@ -76,12 +76,16 @@ class CaptionProjection(nn.Module):
     """Per-token text states (W) -> model width (D), PixArt's y_embedder; owns the null caption.
 
     Caption dropout (classifier-free guidance) replaces a caption by one learned null token.
+    The output is layer-normed (our addition to PixArt's MLP): unit-scale keys and values let
+    cross-attention use the text from the first steps; with small context vectors the text path
+    is a product of small factors and a small learned encoder barely conditions the image.
     """
 
     def __init__(self, text_width: int, hidden_size: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(text_width, hidden_size)
         self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.null_W = nn.Parameter(torch.zeros(text_width))
 
     def forward(self, text_BLW: Tensor, mask_BL: Tensor, drop_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -93,7 +97,7 @@ class CaptionProjection(nn.Module):
             d = drop_B.view(-1, 1, 1)
             text_BLW = torch.where(d, null_BLW, text_BLW)
             mask_BL = torch.where(d[:, :, 0], null_mask, mask_BL)
-        return self.fc2(F.gelu(self.fc1(text_BLW), approximate="tanh")), mask_BL
+        return self.norm(self.fc2(F.gelu(self.fc1(text_BLW), approximate="tanh"))), mask_BL
 
 
 class Attention(nn.Module):
@@ -217,9 +221,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.y_embedder.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.fc2.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.null_W, std=0.02)
+        nn.init.normal_(self.y_embedder.null_W, std=1.0)  # on the scale of the encoder's (normed) states
         for block in self.blocks:
             # adaLN-Zero: all gates and shifts start at zero, so each branch starts switched off.
             nn.init.zeros_(block.adaLN_modulation[-1].weight)

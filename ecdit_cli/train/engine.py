@@ -65,13 +65,17 @@ def _quiet_deepspeed() -> None:
 
 
 def setup_distributed(cfg: RunConfig) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
-    os.environ.setdefault("RANK", "0")
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU).
+
+    Under a launcher (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set) this process is one
+    rank of it; otherwise it is a world of one on a fresh local port. The port is not written
+    into the environment, so processes started from here (a launched run, a test) never
+    inherit a port this process is already listening on.
+    """
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not launched:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])
     device = resolve_device(cfg)
@@ -98,7 +102,12 @@ def setup_distributed(cfg: RunConfig) -> DistInfo:
         # (30-100 s with gcc on a 2-core machine); gloo is all these CPU runs need.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        backend = "nccl" if device == "cuda" else "gloo"
+        if launched:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        else:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return DistInfo(rank, local_rank, world, torch.device(device, local_rank) if device == "cuda" else torch.device("cpu"))
 
 

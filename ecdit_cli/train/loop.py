@@ -31,9 +31,11 @@ import torch
 from ecdit_cli import __version__, rundir
 from ecdit_cli.accounting import count
 from ecdit_cli.config import RunConfig, load_run_config, save_config
-from ecdit_cli.diffusion import interpolate, sample_timesteps, validation_timesteps
+from ecdit_cli.diffusion import interpolate, sample_timesteps
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.moe import hash_seed
+from ecdit_cli.train.validation import activation_dtype, validate
+from ecdit_cli.train.weights import EMA, save_final_weights
 from ecdit_cli.utils import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
 
 
@@ -111,22 +113,6 @@ class Window:
         return cls(dict(s["sums"]), int(s["steps"]), int(s["images"]), float(s["seconds"]))
 
 
-class EMA:
-    """Exponential moving average of the parameters (float32), used for sampling."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
-        self.decay = decay
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.shadow = state or {n: p.detach().float().clone() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        # Warm-up (1 + s) / (10 + s): early weights are not averaged in with a 0.999 memory.
-        d = min(self.decay, (1 + step) / (10 + step))
-        for n, p in self.params.items():
-            self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
-
-
 def step_generator(cfg: RunConfig, step: int, rank: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash_seed(cfg.train.seed, step, rank, micro))
 
@@ -137,49 +123,6 @@ def routing_stats(routing: list) -> dict[str, float]:
         return {}
     keys = routing[0].stats.keys()
     return {k: float(np.mean([r.stats[k] for r in routing])) for k in keys}
-
-
-def validate(engine, model, cfg: RunConfig, val_x: torch.Tensor, val_text, val_mask, micro: int,
-             dist, device) -> dict[str, Any]:
-    """Low-variance validation loss: fixed images, fixed noise, K stratified fixed t.
-
-    Each rank scores an equal shard of the held-out set; sums are all-reduced.
-    """
-    from ecdit_cli.train.engine import all_reduce
-
-    ts = validation_timesteps(cfg.train.val_timesteps)
-    n_total = val_x.shape[0]
-    per_rank = n_total // dist.world_size
-    lo = dist.rank * per_rank
-    gen = torch.Generator().manual_seed(hash_seed(cfg.data.seed, 0xA11))
-    noise_all = torch.randn(val_x.shape, generator=gen)
-    sq = [0.0] * len(ts)
-    was_training = engine.module.training
-    engine.module.eval()
-    with torch.no_grad():
-        for start in range(lo, lo + per_rank, micro):
-            end = min(start + micro, lo + per_rank)
-            x0 = val_x[start:end].to(device)
-            noise = noise_all[start:end].to(device)
-            text, mask = val_text[start:end].to(device), val_mask[start:end].to(device)
-            for i, t in enumerate(ts):
-                tt = torch.full((end - start,), t, device=device)
-                x_t, v = interpolate(x0, noise, tt)
-                out = engine(x_t.to(_dtype(engine)), tt, text, mask)
-                sq[i] += float((out.velocity.float() - v).square().mean(dim=(1, 2, 3)).sum())
-    engine.module.train(was_training)
-    sq = all_reduce(sq)
-    n = per_rank * dist.world_size
-    per_t = [s / n for s in sq]
-    rec: dict[str, Any] = {"val_loss": float(np.mean(per_t))}
-    for i, v in enumerate(per_t):
-        rec[f"val_loss_t{i}"] = v
-    rec["val_t"] = ts
-    return rec
-
-
-def _dtype(engine) -> torch.dtype:
-    return torch.bfloat16 if getattr(engine, "bfloat16_enabled", lambda: False)() else torch.float32
 
 
 def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = None) -> dict[str, Any]:
@@ -352,9 +295,9 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
                             dist.rank, cfg.train.keep_checkpoints)
 
         if start_step == 0 and restored is None:
-            last_val = record("val", validate(engine, model, cfg, val_x, val_text, val_mask, micro, dist, device))
+            last_val = record("val", validate(engine, cfg, val_x, val_text, val_mask, micro, dist, device))
 
-        dtype = _dtype(engine)
+        dtype = activation_dtype(engine)
         t_window = time.time()
         try:
             for step in range(start_step, cfg.train.steps):
@@ -458,8 +401,8 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
                     last_train = record("train", vals)
                     window = Window()
                 if step_done % cfg.train.val_every == 0 or last:
-                    last_val = record("val", validate(engine, model, cfg, val_x, val_text, val_mask, micro,
-                                                      dist, device))
+                    last_val = record("val", validate(engine, cfg, val_x, val_text, val_mask, micro, dist,
+                                                      device))
                     t_window = time.time()  # validation time is not training throughput
                 if step_done % cfg.train.ckpt_every == 0 or last:
                     save_ckpt()
@@ -522,41 +465,3 @@ def _ds_grad_norm(engine) -> float | None:
     if g is None:
         return None
     return float(g)
-
-
-def _gather_experts(tensor: torch.Tensor, ep_size: int) -> torch.Tensor:
-    """All-gather a rank-local expert stack (El, ...) over its expert-parallel group -> (E, ...)."""
-    if ep_size == 1:
-        return tensor
-    from deepspeed.utils import groups
-
-    group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
-    parts = [torch.empty_like(tensor) for _ in range(ep_size)]
-    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
-
-
-def save_final_weights(engine, ema: EMA | None, model, run_dir: Path, dist, cfg: RunConfig) -> None:
-    """final/model.pt: full weights (all experts gathered), EMA, vocabulary and config.
-
-    Loadable without DeepSpeed (`ecdit_cli.model.load.load_run`).
-    """
-    import io
-
-    from ecdit_cli.utils import atomic_write_bytes
-
-    ep = cfg.moe.ep_size if cfg.moe.is_moe else 1
-    weights, ema_weights = {}, {}
-    for name, p in engine.module.named_parameters():
-        expert = getattr(p, "allreduce", True) is False
-        w = p.detach().float().cpu()
-        weights[name] = _gather_experts(w, ep) if expert else w
-        if ema is not None:
-            e = ema.shadow[name]
-            ema_weights[name] = _gather_experts(e, ep) if expert else e
-    if dist.is_main:
-        payload = {"format_version": cfg.format_version, **model.export(), "model": weights,
-                   "ema": ema_weights or None}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        atomic_write_bytes(run_dir / rundir.FINAL_WEIGHTS, buf.getvalue())

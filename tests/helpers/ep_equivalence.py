@@ -13,7 +13,7 @@ def run(out: str, ep: int, routing: str, zero: int) -> None:
     from ecdit_cli.diffusion import interpolate
     from ecdit_cli.model.t2i import TextToImage
     from ecdit_cli.train.engine import build_engine, setup_distributed
-    from ecdit_cli.train.loop import _gather_experts
+    from ecdit_cli.train.weights import gather_experts
 
     cfg = resolve_config(preset="debug", overrides=[f"moe.routing={routing}", f"moe.ep_size={ep}",
                                                     "train.batch_size=4", f"train.zero_stage={zero}",
@@ -42,7 +42,7 @@ def run(out: str, ep: int, routing: str, zero: int) -> None:
     grads = {}
     for name, p in engine.module.named_parameters():
         gr = p.grad if p.grad is not None else torch.zeros_like(p)
-        grads[name] = _gather_experts(gr.detach().clone(), ep) if getattr(p, "allreduce", True) is False else gr.detach().clone()
+        grads[name] = gather_experts(gr.detach().clone(), ep) if getattr(p, "allreduce", True) is False else gr.detach().clone()
     if dist.rank == 0:
         torch.save({"loss": float(torch.cat(losses).mean()), "grads": grads}, out)
 
