@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -113,3 +114,35 @@ def test_routings_have_the_same_colour_in_every_figure(tmp_path):
         colours |= {to_hex(c) for ax in fig.axes for coll in ax.collections for c in coll.get_facecolor()}
         assert colours and colours <= allowed, colours
         plt.close(fig)
+
+
+def test_the_report_fits_chinchilla_on_validation_curves_and_recovers_a_known_law():
+    import numpy as np
+    import pandas as pd
+
+    from ecdit_cli.analysis import analyse
+    from ecdit_cli.collect import CollectResult
+
+    E, A, alpha, B, beta = 0.2, 30.0, 0.35, 10.0, 0.3
+    rng = np.random.default_rng(0)
+    runs, curves = [], []
+    for i, n in enumerate([1e5, 3e5, 1e6, 3e6]):
+        run_id = f"s{i}-ec"
+        runs.append({"run_id": run_id, "size": f"s{i}", "routing": "expert_choice", "status": "done",
+                     "params_active": n, "params_total": 2 * n, "flops_per_image": 2 * 64 * n,
+                     "final_val_loss": np.nan, "step": 1000, "train_flops": 1.0})
+        for step in range(100, 1001, 100):
+            d = step * 32.0
+            loss = (E + A / n**alpha + B / d**beta) * np.exp(rng.normal(0, 0.003))
+            curves.append({"run_id": run_id, "step": step, "images_seen": d, "flops": 1.0, "metric": "val_loss",
+                           "value": loss})
+    data = CollectResult(study_dir=Path("."), runs=pd.DataFrame(runs), curves=pd.DataFrame(curves),
+                         axes=["size", "routing"], warnings=[], missing=[], is_study=True)
+    an = analyse(data, n_boot=20)
+    (series, res), = an.chinchilla.items()
+    assert not isinstance(res, str), res
+    assert res.fit.alpha == pytest.approx(alpha, abs=0.05) and res.fit.beta == pytest.approx(beta, abs=0.05)
+    assert res.fit.E == pytest.approx(E, rel=0.25)
+    opt = res.optimal
+    assert np.allclose(opt.C, opt.N_opt * opt.D_opt * (3 * 2 * 64)), "budgets are k N D with k from accounting"
+    assert opt.a == pytest.approx(beta / (alpha + beta), abs=0.06)
