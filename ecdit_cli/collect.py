@@ -33,11 +33,13 @@ import pandas as pd
 
 from ecdit_cli import rundir
 from ecdit_cli.errors import EcditError
+from ecdit_cli.sweep import ACCOUNTING_COLUMNS
 from ecdit_cli.utils import atomic_write_text, read_json
 
 RUNS_CSV = "runs.csv"
 CURVES_CSV = "curves.csv"
-ACCOUNTING = ("params_total", "params_active", "flops_per_image", "train_flops")
+# The manifest's accounting columns (not axes): what `ecdit sweep` derives for each point.
+ACCOUNTING = ACCOUNTING_COLUMNS
 CURVE_COLUMNS = ["run_id", "step", "images_seen", "flops", "metric", "value"]
 # Record fields that index a curve rather than being a metric of it.
 _INDEX_FIELDS = {"kind", "step", "images_seen", "flops", "val_t"}
