@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ecdit_cli.bench.timing import interleaved, load_average, machine_info, peak_memory, summary
+from ecdit_cli.bench.timing import interleaved, load_average, machine_info, paired_ratio, peak_memory, summary
 from ecdit_cli.errors import EcditError
 
 VARIANTS = ("dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer")
@@ -187,8 +187,8 @@ def bench_shape(shape: LayerShape, variants: list[str], reps: int, warmup: int, 
         })
     ref = next(r for r in rows if r["variant"] == "dense")
     for r in rows:
-        r["fwd_ratio"] = r["fwd_ms"] / ref["fwd_ms"]
-        r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / ref["fwd_bwd_ms"]
+        r["fwd_ratio"] = paired_ratio(fwd, r["variant"], "dense")
+        r["fwd_bwd_ratio"] = paired_ratio(fwd_bwd, r["variant"], "dense")
         r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if memory and ref["peak_mem_bytes"] else None
     return rows
 
@@ -236,6 +236,7 @@ def bench_moe(shapes: list[LayerShape], variants: list[str] | None = None, reps:
             raise EcditError(f"variant {v!r} is invalid: allowed: {', '.join(VARIANTS)}")
     if reps < 1:
         raise EcditError(f"reps={reps} is invalid: must be >= 1")
+    machine = machine_info(device, dtype)  # before the runs: the load average is other processes' load
     rows = []
     for shape in shapes:
         on_progress(f"layer {shape.label()}: {len(variants)} variants x {reps} interleaved reps")
@@ -248,7 +249,7 @@ def bench_moe(shapes: list[LayerShape], variants: list[str] | None = None, reps:
                              capacity_factor=capacity_factor)
     return {
         "kind": "moe",
-        "machine": machine_info(device, dtype),
+        "machine": machine,
         "settings": {"reps": reps, "warmup": warmup, "capacity_factor": capacity_factor,
                      "pool_tokens": pool_tokens, "variants": variants, "aux_loss_weight": AUX_WEIGHT},
         "rows": rows,

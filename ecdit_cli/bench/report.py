@@ -39,6 +39,7 @@ def moe_markdown(res: dict[str, Any]) -> str:
     out = ["## MoE layer: one FFN layer vs a dense FFN with the same activated FLOPs", "",
            machine_line(res["machine"], res.get("load_avg_1m_end")),
            f"Medians of {s['reps']} interleaved repetitions (IQR in brackets), after {s['warmup']} warm-up calls; "
+           "ratios are medians of the per-round ratios to dense (the two ran back to back); "
            f"capacity factor f={s['capacity_factor']:g} (dense hidden width f x 4D); pooled groups of "
            f"{s['pool_tokens']} tokens; forward without autograd; fwd+bwd with a fixed upstream gradient "
            f"(+ {s['aux_loss_weight']:g} x aux loss where the layer has one); peak = memory allocated at the "
@@ -73,7 +74,8 @@ def step_markdown(res: dict[str, Any]) -> str:
            f"Preset `{s['preset']}`" + (f" with {', '.join(s['overrides'])}" if s["overrides"] else "")
            + f": width {s['hidden_size']}, depth {s['depth']}, {s['tokens_per_image']} tokens/image, "
            f"{s['num_experts']} experts, f={s['capacity_factor']:g}, batch {s['batch']}, optimizer "
-           f"{s['optimizer']}; medians of {s['reps']} interleaved repetitions (IQR in brackets). "
+           f"{s['optimizer']}; medians of {s['reps']} interleaved repetitions (IQR in brackets; sampling: "
+           f"{s.get('sample_reps', s['reps'])}); ratios and overheads are medians of per-round paired ratios. "
            f"The FLOP-matched dense FFN width is rounded to a multiple of {s.get('width_multiple', 1)}. "
            "Step = forward + loss + backward + optimizer step on the DeepSpeed engine; sampling step = one "
            "forward at the same batch without autograd. Ratios are to the FLOP-matched dense model; the "

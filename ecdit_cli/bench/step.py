@@ -23,7 +23,14 @@ from collections.abc import Callable
 import torch
 
 from ecdit_cli.accounting import count, dense_width_for_flops
-from ecdit_cli.bench.timing import default_dtype, interleaved, load_average, machine_info, summary
+from ecdit_cli.bench.timing import (
+    default_dtype,
+    interleaved,
+    load_average,
+    machine_info,
+    paired_ratio,
+    summary,
+)
 from ecdit_cli.config import RunConfig, resolve_config
 from ecdit_cli.errors import EcditError
 
@@ -110,18 +117,24 @@ class _Bench:
         self.engine.module(*self.inputs)
 
 
-def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch: int = 32, reps: int = 5,
+def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch: int = 32, reps: int = 10,
                warmup: int = 1, device: torch.device | None = None, peak_tflops: float | None = None,
-               width_multiple: int = 64, on_progress: Callable[[str], None] = lambda msg: None) -> dict:
-    """Training-step and sampling-step times of the four models, interleaved; see the module doc."""
+               width_multiple: int = 64, sample_reps: int | None = None,
+               on_progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Training-step and sampling-step times of the four models, interleaved; see the module doc.
+
+    `sample_reps` (default 3 x reps): sampling steps are cheap and noisier, so they get more rounds.
+    """
     from ecdit_cli.train.engine import setup_distributed
 
     device = device or torch.device("cpu")
     dtype = default_dtype(device)
-    if reps < 1 or batch < 1:
-        raise EcditError(f"reps={reps}, batch={batch} are invalid: both must be >= 1")
+    sample_reps = sample_reps or 3 * reps
+    if reps < 1 or batch < 1 or sample_reps < 1:
+        raise EcditError(f"reps={reps}, batch={batch}, sample_reps={sample_reps} are invalid: all must be >= 1")
     if peak_tflops is not None and peak_tflops <= 0:
         raise EcditError(f"--peak-tflops {peak_tflops} is invalid: must be > 0")
+    machine = machine_info(device, dtype)  # before the runs: the load average is other processes' load
     cfgs = step_configs(preset, list(overrides or []), batch, device, width_multiple)
     setup_distributed(cfgs["dense"])
     benches = {}
@@ -132,8 +145,8 @@ def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch
     train_t = interleaved({n: b.train_step for n, b in benches.items()}, reps, warmup, device)
     for b in benches.values():
         b.engine.module.eval()
-    on_progress(f"sampling steps: {len(benches)} models x {reps} interleaved reps")
-    infer_t = interleaved({n: b.sample_step for n, b in benches.items()}, reps, warmup, device)
+    on_progress(f"sampling steps: {len(benches)} models x {sample_reps} interleaved reps")
+    infer_t = interleaved({n: b.sample_step for n, b in benches.items()}, sample_reps, warmup, device)
 
     rows = []
     for name, b in benches.items():
@@ -153,20 +166,20 @@ def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch
             row["train_mfu"] = row["train_tflops"] / peak_tflops
             row["sample_mfu"] = row["sample_tflops"] / peak_tflops
         rows.append(row)
-    by = {r["model"]: r for r in rows}
-    ref, base = by["dense_flops"], by["dense"]
+    base = next(r for r in rows if r["model"] == "dense")
     for r in rows:
-        r["step_ratio"] = r["step_ms"] / ref["step_ms"]
-        r["sample_ratio"] = r["sample_ms"] / ref["sample_ms"]
+        r["step_ratio"] = paired_ratio(train_t, r["model"], "dense_flops")
+        r["sample_ratio"] = paired_ratio(infer_t, r["model"], "dense_flops")
         # Inference overhead against the backbone-matched dense model, measured and from FLOPs.
-        r["sample_overhead"] = r["sample_ms"] / base["sample_ms"] - 1
+        r["sample_overhead"] = paired_ratio(infer_t, r["model"], "dense") - 1
         r["theory_overhead"] = r["flops_per_image"] / base["flops_per_image"] - 1
     first = cfgs["expert_choice"]
     return {
         "kind": "step",
-        "machine": machine_info(device, dtype),
+        "machine": machine,
         "settings": {
-            "preset": preset, "overrides": list(overrides or []), "batch": batch, "reps": reps, "warmup": warmup,
+            "preset": preset, "overrides": list(overrides or []), "batch": batch, "reps": reps,
+            "sample_reps": sample_reps, "warmup": warmup,
             "hidden_size": first.model.hidden_size, "depth": first.model.depth,
             "tokens_per_image": first.model.tokens_per_image, "num_experts": first.moe.num_experts,
             "capacity_factor": first.moe.capacity_factor, "optimizer": first.train.optimizer,

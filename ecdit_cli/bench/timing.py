@@ -101,6 +101,16 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of time[name] / time[ref] within the same round.
+
+    The two ran back to back in every round, so a slow spell of the machine (other tenants,
+    frequency) scales both; the median of these paired ratios is steadier than a ratio of
+    medians taken over a drifting machine.
+    """
+    return statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device, before: Callable[[], Any] | None = None) -> int:
     """Bytes allocated at the peak of one call of `fn`, above what was allocated before it.
 

@@ -64,7 +64,7 @@ def moe(
     sweep: Annotated[Optional[list[int]], typer.Option("--sweep", help="Image counts of the memory sweep "
                                                        "(repeatable; default 1 2 4 8 16).")] = None,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak memory (and the sweep).")] = True,
-    reps: RepsOpt = 10,
+    reps: RepsOpt = 20,
     warmup: WarmupOpt = 2,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
@@ -95,7 +95,9 @@ def step(
     preset: Annotated[str, typer.Option("--preset", help="Model preset (see `ecdit info`).")] = "medium",
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key (repeatable).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 32,
-    reps: RepsOpt = 5,
+    reps: RepsOpt = 10,
+    sample_reps: Annotated[Optional[int], typer.Option(
+        "--sample-reps", help="Interleaved repetitions of the sampling step (default 3 x --reps).")] = None,
     warmup: WarmupOpt = 1,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
@@ -121,7 +123,8 @@ def step(
     progress = _progress(quiet)
     with _stdout_to_stderr():
         result = bench_step(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, device=dev,
-                            peak_tflops=peak_tflops, width_multiple=width_multiple, on_progress=progress)
+                            peak_tflops=peak_tflops, width_multiple=width_multiple, sample_reps=sample_reps,
+                            on_progress=progress)
         if ep:
             result["ep"] = bench_ep(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, ep=ep,
                                     on_progress=progress)

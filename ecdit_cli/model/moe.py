@@ -230,15 +230,18 @@ class SlotPlan:
     csr_crow: Tensor | None = None  # (S + 1,) row pointers into csr_col_U
 
     @classmethod
-    def build(cls, token_idx_EC: Tensor, num_tokens: int, use_csr: bool | None = None) -> SlotPlan:
+    def build(cls, token_idx_EC: Tensor, num_tokens: int, use_csr: bool | None = None,
+              counts_S: Tensor | None = None) -> SlotPlan:
+        """`counts_S`: slots per token if already known (RoutingResult.experts_per_token_S)."""
         S = num_tokens
         tok = token_idx_EC.reshape(-1)
         plan = cls(S, tok, tok.clamp(max=S - 1), tok == S)
         if use_csr if use_csr is not None else tok.device.type == "cpu":
             order = torch.argsort(tok, stable=True)
-            counts = torch.bincount(tok, minlength=S + 1)
+            if counts_S is None:
+                counts_S = torch.bincount(tok, minlength=S + 1)[:S]
             crow = torch.zeros(S + 1, dtype=torch.long, device=tok.device)
-            torch.cumsum(counts[:S], 0, out=crow[1:])
+            torch.cumsum(counts_S, 0, out=crow[1:])
             plan.csr_crow = crow
             plan.csr_col_U = order[: int(crow[-1])]
         return plan
@@ -320,7 +323,7 @@ def dispatch_combine(x_SD: Tensor, r: RoutingResult, experts: GroupedExperts, us
     """
     S, D = x_SD.shape
     E, C = r.token_idx_EC.shape
-    plan = SlotPlan.build(r.token_idx_EC, S, use_csr)
+    plan = SlotPlan.build(r.token_idx_EC, S, use_csr, r.experts_per_token_S)
     x_ECD = _Dispatch.apply(x_SD, plan).view(E, C, D)
     y_JD = experts.ffn(x_ECD).view(E * C, D)
     out = _Combine.apply(y_JD.float(), r.weight_EC.reshape(-1), plan)
