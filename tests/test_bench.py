@@ -159,3 +159,12 @@ def test_bench_moe_runs_in_bf16_on_a_gpu(runner):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["machine"]["dtype"] == "bfloat16" and all(r["peak_mem_bytes"] > 0 for r in out["rows"])
+
+
+@pytest.mark.gpu
+def test_bench_step_reports_model_flop_utilisation_on_a_gpu(runner):
+    res = runner.invoke(cli.app, ["bench", "step", "--device", "cuda", "--preset", "debug", "--batch", "2",
+                                  "--reps", "2", "--peak-tflops", "989", "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["machine"]["gpu"] and all(0 < r["train_mfu"] < 1 for r in out["rows"])

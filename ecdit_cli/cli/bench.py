@@ -34,6 +34,9 @@ def _progress(quiet: bool):
 def _stdout_to_stderr():
     """Keep stdout for the results: DeepSpeed prints and logs to stdout (its logger binds the
     stream at import, so it is imported here, inside the redirection)."""
+    from ecdit_cli.utils import prepare_deepspeed_import
+
+    prepare_deepspeed_import()
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed  # noqa: F401
 

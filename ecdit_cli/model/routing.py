@@ -197,11 +197,13 @@ def token_choice(
     weight_EC = weight[:scratch].view(E, total_C)
 
     tokens_per_expert_E = torch.bincount(expert_SK.reshape(-1), minlength=E).detach()
-    kept = int(keep_R.sum())
     experts_per_token_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S + 1)[:S].detach()
+    # One host transfer for both statistics (each .item() would be a device sync).
+    kept, imbalance = torch.stack([keep_R.sum().float(),
+                                   tokens_per_expert_E.max() / tokens_per_expert_E.float().mean()]).tolist()
     stats = {
         "tc_dropped_frac": 1.0 - kept / max(1, S * K),
-        "tc_load_imbalance": (tokens_per_expert_E.max() / tokens_per_expert_E.float().mean()).item(),
+        "tc_load_imbalance": imbalance,
     }
     return RoutingResult(
         token_idx_EC=token_idx_EC,

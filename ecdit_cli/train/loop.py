@@ -209,8 +209,10 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
         ema = EMA(engine.module, cfg.train.ema_decay, ema_state) if cfg.train.ema_decay > 0 else None
         if main:
             # Lines past the restored step were written after the checkpoint: drop them so the
-            # curve has no duplicate or phantom steps.
-            dropped = rewrite_jsonl(run_dir / rundir.METRICS, lambda r: int(r.get("step", 0)) <= start_step)
+            # curve has no duplicate or phantom steps. Without a checkpoint the run starts over
+            # (its step-0 validation included), so nothing earlier survives.
+            dropped = rewrite_jsonl(run_dir / rundir.METRICS,
+                                    lambda r: restored is not None and int(r.get("step", 0)) <= start_step)
             if restored is not None:
                 log(f"resumed from step {start_step}" + (f" (dropped {dropped} later metric lines)" if dropped else ""))
 
