@@ -123,10 +123,11 @@ def test_an_interrupted_sweep_resumes_to_the_state_of_an_uninterrupted_sweep(tmp
     subprocess.run([*cmd, str(tmp_path / "ref")], env=ENV, check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen([*cmd, str(tmp_path / "cut")], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    wait_for_step(tmp_path / "cut" / rundir.RUNS / "debug-dense-s0", 8, proc)
-    time.sleep(4.0)  # into the second point
+    # Into the second point, after its first logged step and before its first checkpoint (step 4).
+    wait_for_step(tmp_path / "cut" / rundir.RUNS / "debug-ec-e4-s0", 3, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the sweep finished before the kill"
+    assert rundir.run_status(tmp_path / "cut" / rundir.RUNS / "debug-dense-s0") == "done"
     subprocess.run([*cmd, str(tmp_path / "cut")], env=ENV, check=True, capture_output=True, timeout=300)
     for run_id in ("debug-dense-s0", "debug-ec-e4-s0"):
         assert rundir.run_status(tmp_path / "cut" / rundir.RUNS / run_id) == "done"
