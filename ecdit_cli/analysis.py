@@ -164,7 +164,7 @@ def analyse(data: CollectResult, n_boot: int = 200, seed: int = 0) -> Analysis:
 
 def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:
     cols = ["run_id", "series", "params_active", "params_total", "final_val_loss", "dense_equiv_params",
-            "multiplier_active", "multiplier_total", "reason"]  # fmt: skip
+            "multiplier_active", "multiplier_total", "reason", "note"]  # fmt: skip
     dense = [
         f for s, f in fits.items() if isinstance(f, PowerLawFit) and (routing[series == s] == "dense").all()
     ]
@@ -175,9 +175,11 @@ def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:
         why = "no dense fit" if not dense else f"{len(dense)} dense fits (ambiguous reference)"
         notes.append(f"Effective-parameter multipliers not computed: {why}.")
         return pd.DataFrame(columns=cols)
+    dense_sizes = runs.loc[_done(runs, "params_active") & routing.eq("dense"), "params_active"].astype(float)
+    dense_range = (float(dense_sizes.min()), float(dense_sizes.max()))
     rows = []
     for i, r in moe.iterrows():
-        e = effective_params(dense[0], float(r["params_active"]), float(r["final_val_loss"]))
+        e = effective_params(dense[0], float(r["params_active"]), float(r["final_val_loss"]), dense_range)
         rows.append(
             [
                 r["run_id"],
@@ -189,6 +191,7 @@ def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:
                 e.multiplier,
                 e.n_equiv / r["params_total"],
                 e.reason,
+                e.note,
             ]
         )
     return pd.DataFrame(rows, columns=cols)

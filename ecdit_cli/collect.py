@@ -384,7 +384,9 @@ def read_collected(path: str | Path) -> CollectResult:
         if col not in runs.columns:
             raise EcditError(f"{root / RUNS_CSV} has no {col} column; re-run `ecdit collect {root}`")
     cols = list(runs.columns)
-    axes = cols[cols.index("run_id") + 1 : cols.index("params_total")]
+    # Axes sit between run_id and the first accounting column (dense_width_mult, params_total, ...).
+    first = min(cols.index(c) for c in ACCOUNTING if c in cols)
+    axes = cols[cols.index("run_id") + 1 : first]
     runs["error"] = runs["error"].fillna("").astype(str) if "error" in runs else ""
     is_study = (root / rundir.RUNS).is_dir()
     missing = [r for r in runs["run_id"] if is_study and not (root / rundir.RUNS / str(r)).is_dir()]

@@ -230,7 +230,10 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
         theta, ok, msg = _minimise(Z, logy, _screen(grid, Z, logy, huber_delta, keep=5), bounds, huber_delta)
         if not ok and strict:
             raise FitError(f"{where}the fit did not converge ({msg}); check the data or widen alpha_bounds")
-        for _ in range(n_boot):
+        # With no more distinct points than parameters the fit passes through every point, and
+        # so does every usable resample: the bootstrap would report zero-width intervals.
+        exact = len(np.unique(np.column_stack([*Xs, y]), axis=0)) <= n_par
+        for _ in range(0 if exact else n_boot):
             idx = rng.integers(0, len(y), len(y))
             if min(len(np.unique(x[idx])) for x in Xs) < 3:
                 continue
@@ -251,13 +254,16 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
             warns.append(f"{name}={al:.4g} is at its bound {alpha_bounds}: the fit is not trustworthy")
     if params[0] < 1e-3 * y.min():
         warns.append("E ~ 0: the data show no saturation, so E is unconstrained (a pure power law fits)")
-    if n_boot and len(boot) < 0.8 * n_boot:
+    if exact:
+        warns.append(f"{len(y)} points for {n_par} parameters: the curve passes through every point, so it "
+                     "has no confidence interval and no test of its form (add points)")
+    elif n_boot and len(boot) < 0.8 * n_boot:
         warns.append(f"only {len(boot)}/{n_boot} bootstrap resamples gave a converged fit: rough intervals")
-    if len(y) < n_par + 2:
+    if not exact and len(y) < n_par + 2:
         warns.append(f"only {len(y)} points for {n_par} parameters: intervals and extrapolation are rough")
     return dict(zip(names, map(float, params), strict=True)), dict(
         ci=dict(zip(names, _ci(boot, level), strict=True)), n=len(y), rmse_log=float(np.sqrt(np.mean(r**2))),
-        r2_log=1 - float((r**2).sum()) / ss_tot if ss_tot > 0 else math.nan, converged=ok, n_boot=n_boot,
+        r2_log=1 - float((r**2).sum()) / ss_tot if ss_tot > 0 else math.nan, converged=ok, n_boot=0 if exact else n_boot,
         n_boot_ok=len(boot), warnings=warns, group=group, boot=boot)
 
 
@@ -374,14 +380,18 @@ class EffectiveParams:
     loss_moe: float
     n_equiv: float  # dense size whose fitted loss equals loss_moe; NaN (with a reason) if none
     multiplier: float  # n_equiv / n_moe
-    reason: str = ""
+    reason: str = ""  # why there is no n_equiv
+    note: str = ""  # a caveat on an n_equiv that exists (an extrapolation)
 
 
-def effective_params(dense: PowerLawFit, n_moe: float, loss_moe: float) -> EffectiveParams:
+def effective_params(dense: PowerLawFit, n_moe: float, loss_moe: float,
+                     dense_range: tuple[float, float] | None = None) -> EffectiveParams:
     """Invert the dense fit at the MoE loss: N_equiv = (A / (L_moe - E))^(1/alpha).
 
     n_moe in the dense fit's units: activated parameters read the multiplier as "dense parameters
-    bought per activated parameter", total parameters as "per stored parameter".
+    bought per activated parameter", total parameters as "per stored parameter". With the dense
+    runs' size range given, an N_equiv outside it is flagged: near the fitted asymptote a tiny
+    loss difference maps to an enormous size, so such multipliers are extrapolations, not findings.
     """
     _check_positive({"n_moe": np.array([n_moe]), "loss_moe": np.array([loss_moe])})
     if not dense.alpha > 0:
@@ -391,7 +401,12 @@ def effective_params(dense: PowerLawFit, n_moe: float, loss_moe: float) -> Effec
                                f"loss {loss_moe:.4g} is at or below the dense asymptote E={dense.E:.4g}: "
                                "no dense size reaches it")
     n_eq = (dense.A / (loss_moe - dense.E)) ** (1 / dense.alpha)
-    return EffectiveParams(n_moe, loss_moe, n_eq, n_eq / n_moe)
+    note = ""
+    if dense_range is not None and not dense_range[0] <= n_eq <= dense_range[1]:
+        lo, hi = dense_range
+        side = f"{n_eq / hi:.3g}x the largest" if n_eq > hi else f"{lo / n_eq:.3g}x below the smallest"
+        note = f"extrapolated: {side} dense run the fit saw ({lo:.3g}-{hi:.3g})"
+    return EffectiveParams(n_moe, loss_moe, n_eq, n_eq / n_moe, note=note)
 
 
 @dataclass

@@ -105,10 +105,10 @@ def _holdout_table(hold: dict[str, HoldoutResult | str], x: str) -> Table:
 
 def _effective_table(eff: pd.DataFrame) -> Table:
     head = ["run", "series", "activated params", "total params", "final val loss", "dense-equivalent params",
-            "× per activated param", "× per total param"]  # fmt: skip
+            "× per activated param", "× per total param", "notes"]  # fmt: skip
     rows = [[r.run_id, r.series, fmt_num(r.params_active), fmt_num(r.params_total), fmt_num(r.final_val_loss),
              fmt_num(r.dense_equiv_params) if not r.reason else f"— ({r.reason})", fmt_num(r.multiplier_active, 3),
-             fmt_num(r.multiplier_total, 3)] for r in eff.itertuples()]  # fmt: skip
+             fmt_num(r.multiplier_total, 3), r.note] for r in eff.itertuples()]  # fmt: skip
     return head, rows
 
 

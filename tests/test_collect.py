@@ -220,3 +220,10 @@ def test_cli_fit_with_an_unknown_column_exits_2_with_one_line(study, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "params_active" in err
+
+
+def test_tables_read_back_have_the_axes_they_were_collected_with(study):
+    # The accounting columns (dense_width_mult first) are not axes: an axis would split series.
+    collected = collect(study.root)
+    assert read_collected(study.root).axes == collected.axes
+    assert "dense_width_mult" not in collected.axes

@@ -156,6 +156,10 @@ def test_effective_parameter_multiplier_matches_a_hand_computed_case():
     beyond = effective_params(dense, n_moe=2500, loss_moe=1.9)
     assert np.isnan(beyond.n_equiv) and np.isnan(beyond.multiplier)
     assert "asymptote" in beyond.reason
+    # Inside the dense runs' range: no caveat; past it: flagged as an extrapolation, value kept.
+    assert effective_params(dense, 2500, 2.1, dense_range=(1e3, 1e5)).note == ""
+    far = effective_params(dense, 2500, 2.001, dense_range=(1e3, 1e5))
+    assert far.n_equiv == pytest.approx(1e8) and far.note.startswith("extrapolated: 1e+03x the largest")
 
 
 def dense_curve(x):
@@ -276,3 +280,17 @@ def test_errors_inside_a_group_name_the_group():
     df = _runs_table().iloc[:7]
     with pytest.raises(FitError, match="group 'expert_choice': need at least 3 points"):
         fit_table(df, "params", "val_loss", group="routing", n_boot=0)
+
+
+def test_three_points_for_three_parameters_give_no_interval_instead_of_a_zero_width_one():
+    x = np.array([1e5, 4e5, 1.6e6])
+    fit = fit_power_law(x, 0.2 + 30 * x**-0.5, n_boot=50)
+    assert fit.n_boot == fit.n_boot_ok == 0
+    assert all(np.isnan(lo) and np.isnan(hi) for lo, hi in fit.ci.values())
+    assert any("passes through every point" in w for w in fit.warnings)
+    with pytest.raises(FitError, match="no bootstrap samples"):
+        prediction_band(fit, x)
+    # One more point and the bootstrap has something to resample.
+    x4 = np.append(x, 6.4e6)
+    fit4 = fit_power_law(x4, 0.2 + 30 * x4**-0.5 * np.array([1, 1.01, 0.99, 1]), n_boot=50)
+    assert fit4.n_boot_ok > 0 and all(hi > lo for lo, hi in fit4.ci.values())
