@@ -33,16 +33,18 @@ def heatmap_figure(doc: dict[str, Any], images: np.ndarray):
     maps = np.asarray(h["maps"])  # (L, K, P, g, g)
     L, K, P = maps.shape[:3]
     vmax = max(1.0, float(maps.max()))
-    fig = Figure(figsize=(1.6 * (K + 1) + 2.2, 1.55 * L * P + 0.9), layout="constrained")
+    fig = Figure(figsize=(1.6 * (K + 1) + 1.6, 1.55 * L * P + 0.9), layout="constrained")
     axes = fig.subplots(L * P, K + 1, squeeze=False)
     im = None
     for p in range(P):
         for li in range(L):
             row = p * L + li
             sampling.show_image(axes[row][0], images[p, 0])
-            label = "\n".join(textwrap.wrap(h["prompts"][p], 16))
-            axes[row][0].set_ylabel(f"{label}\nblock {doc['moe_blocks'][li]}", rotation=0, ha="right",
-                                    va="center", fontsize=7, labelpad=4)
+            # The prompt heads its group of rows (a side label of a long prompt did not fit a row).
+            axes[row][0].set_ylabel(f"block {doc['moe_blocks'][li]}", fontsize=7, labelpad=3)
+            if li == 0:
+                prompt = "\n".join(textwrap.wrap(f'"{h["prompts"][p]}"', 26))
+                axes[row][0].set_title(("generated\n" if p == 0 else "") + prompt, fontsize=7)
             for k in range(K):
                 ax = axes[row][k + 1]
                 im = ax.imshow(maps[li, k, p], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
@@ -51,8 +53,6 @@ def heatmap_figure(doc: dict[str, Any], images: np.ndarray):
                 ax.set_yticks([])
                 if row == 0:
                     ax.set_title(f"t = {h['t'][k]:.2f}", fontsize=8)
-        if p == 0:
-            axes[0][0].set_title("generated", fontsize=8)
     cb = fig.colorbar(im, ax=axes, shrink=0.6, label=UNIT)
     cb.ax.tick_params(labelsize=7)
     _title(fig, f"{doc['run_id']}: {UNIT} over the image patches while sampling ({doc['routing']}, "
