@@ -250,7 +250,7 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
     runs = lay.runs
     done = runs[(runs["status"] == "done") & runs["final_val_loss"].notna() & runs[x].gt(0)]
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
-    reasons = []
+    reasons, bands = [], 0
     for s in lay.series_order:
         pts = done[lay.series[done.index] == s]
         color = lay.color(s)
@@ -269,7 +269,7 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
         fit = fits.get(s)
         if fit is None or isinstance(fit, str) or pts.empty:
             if len(pts):
-                reasons.append(f"{lay.label(s)}: {fit or 'not fitted'}")
+                reasons.append(f"no fit for {lay.label(s)}: {fit or 'not fitted'}")
             continue
         grid = np.geomspace(pts[x].min() / 1.6, pts[x].max() * 1.6, 120)
         ax.plot(
@@ -283,8 +283,11 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
         try:
             lo, hi = prediction_band(fit, grid)
             ax.fill_between(grid, lo, hi, color=color, alpha=0.15, lw=0)
+            bands += 1
         except FitError:
-            reasons.append(f"{lay.label(s)}: no bootstrap band (no bootstrap refits)")
+            exact = [w.split(":")[0] for w in fit.warnings if "passes through every point" in w]
+            why = f"{exact[0]}: the curve passes through every point" if exact else "no bootstrap refits"
+            reasons.append(f"{lay.label(s)}: no band ({why})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     if not done.empty:
@@ -296,8 +299,8 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
     ax.set_ylabel("final " + LOSS_LABEL + " (log scale)")
     what = "activated parameters" if x == "params_active" else "training FLOPs"
     ax.set_title(
-        f"Final validation loss vs {what}\nlines: fitted $L = E + A\\,X^{{-\\alpha}}$ per routing; "
-        "shading: bootstrap 95% band",
+        f"Final validation loss vs {what}\nlines: fitted $L = E + A\\,X^{{-\\alpha}}$ per routing"
+        + ("; shading: bootstrap 95% band" if bands else ""),
         fontsize=10,
     )
     if done.empty:
@@ -311,7 +314,7 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
     handles += [h for h in lay.size_legend() if h.get_label()[5:] in set(lay.size[done.index])]
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=7.5)
-    notes = [f"no fit for {r}" for r in reasons]
+    notes = list(reasons)
     not_done = int((runs["status"] != "done").sum())
     if not_done:
         notes.append(f"{not_done} run(s) not done are not shown")
