@@ -221,8 +221,7 @@ def loss_curves(data: CollectResult, x: str = "step") -> Figure:
     handles = lay.series_legend() + [
         Line2D([], [], color="0.3", lw=0.8, alpha=0.5, label="training loss"),
         Line2D([], [], color="0.3", lw=1.6, marker="o", ms=3, label="validation loss"),
-        Line2D([], [], color="0.3", lw=1.6, ls=":", marker="o", ms=3, label="not finished"),
-    ]
+    ] + ([Line2D([], [], color="0.3", lw=1.6, ls=":", marker="o", ms=3, label="not finished")] if notes else [])
     what = "steps" if x == "step" else "training FLOPs"
     note = ("not finished: " + ", ".join(notes)) if notes else ""
     if empty:
