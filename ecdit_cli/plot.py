@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -161,13 +162,16 @@ def _grid(n: int, width: float = 4.2, height: float = 3.3, ncols: int = 3) -> tu
 
 
 def _finish(fig: Figure, title: str, handles: list[Line2D], note: str = "") -> Figure:
-    fig.suptitle(title, fontsize=11, fontweight="bold", y=0.995)
+    # About 9 bold 11-pt characters per inch: wrap so a one-panel figure keeps its whole title.
+    lines = textwrap.wrap(title, max(30, int(9 * fig.get_figwidth())))
+    fig.suptitle("\n".join(lines), fontsize=11, fontweight="bold", y=0.995)
+    extra = 0.18 / fig.get_figheight() * (len(lines) - 1)  # figure fraction per extra title line
     if note:
-        fig.text(0.5, 0.955, note, ha="center", va="top", fontsize=7.5, color="0.35", wrap=True)
+        fig.text(0.5, 0.955 - extra, note, ha="center", va="top", fontsize=7.5, color="0.35", wrap=True)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), bbox_to_anchor=(0.5, 0.0))
     rows = math.ceil(len(handles) / 5) if handles else 0
-    fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, 0.93 if note else 0.95))
+    fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, (0.93 if note else 0.95) - extra))
     return fig
 
 
@@ -496,6 +500,8 @@ def eval_scores(data: CollectResult) -> Figure | None:
                 lw=0.4,
                 label=lay.label(s),
             )
+            # Values on the bars: scores near 0 (an undertrained model) are otherwise invisible.
+            ax.bar_label(ax.containers[-1], fmt="%.1f", fontsize=6, padding=1)
         ax.set_xticks(np.arange(len(tasks)))
         ax.set_xticklabels([t.replace("_", " ") for t in tasks], rotation=30, ha="right")
         ax.set_ylim(0, 100)
