@@ -4,8 +4,9 @@
 parameter/FLOP accounting, `summary.json` its status and final numbers, `metrics.jsonl` its
 curves and `eval.json` (when present) its GenEval-style scores. A single run directory is
 accepted too: its axes then come from its config.yaml and the tables are written into it.
-Beyond the listed columns, runs.csv has `val_t0..K-1` (the timesteps of `final_val_loss_t*`)
-and `eval_prompts_with_any_correct`.
+Beyond the listed columns, runs.csv has `val_t0..K-1` (the timesteps of `final_val_loss_t*`),
+`eval_prompts_with_any_correct` and, when the eval computed them, `eval_fd_scenes` and
+`eval_fd_scenes_floor`.
 
 Decisions:
 - Runs are never dropped: pending, running, interrupted and failed runs keep their row and say
@@ -181,6 +182,9 @@ def _read_eval(run: Path, warnings: list[str]) -> dict[str, float]:
         out[f"eval_{tag}"] = _num(score)
     if "prompts_with_any_correct" in ev:
         out["eval_prompts_with_any_correct"] = _num(ev["prompts_with_any_correct"])
+    for key in ("fd_scenes", "fd_scenes_floor"):
+        if key in ev:
+            out[f"eval_{key}"] = _num(ev[key])
     return out
 
 

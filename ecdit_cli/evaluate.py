@@ -14,6 +14,11 @@ Files (run directory):
     eval/examples.png    example images per tag with pass/fail borders and the detector's reason
     eval.json            the scores (keys below), written atomically and last
 
+With `fd=True` (the default) eval.json also holds FD-scenes (`fd.py`): the Fréchet distance of
+the generated images to rendered scenes of the same prompts on a small scene network's
+features (`fd_scenes`, lower is better; not FID), and the floor of two rendered sets
+(`fd_scenes_floor`).
+
 An interrupted evaluation leaves the previous eval.json untouched (never half-written); it
 does not resume.
 """
@@ -115,8 +120,13 @@ def evaluate_run(
     device: str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+    fd: bool = True,
+    on_fd_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a finished run and write its files (module docstring); returns eval.json's content."""
+    """Evaluate a finished run and write its files (module docstring); returns eval.json's content.
+
+    on_fd_progress(step, steps) follows the training of the FD-scenes network when it is not cached.
+    """
     from ecdit_cli.config import load_run_config
     from ecdit_cli.model.load import load_run
 
@@ -139,10 +149,25 @@ def evaluate_run(
     settings = {"cfg": float(cfg_scale), "steps": int(steps), "seed": int(seed), "n": int(n), "per_tag": per_tag_n,
                 "ema": bool(use_ema and cfg.train.ema_decay > 0), "shift": float(shift),
                 "prompt_set_seed": PROMPT_SET_SEED}
+    extra: dict[str, Any] = {}
+    if fd:
+        extra = fd_scores(images, records, on_fd_progress)
     write_eval_files(out, records, images, scores["images"])
-    doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall)
+    doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall, **extra)
     atomic_write_json(run_dir / rundir.EVAL, doc)  # last: its presence means the eval finished
     return doc
+
+
+def fd_scores(images: np.ndarray, records: Sequence[dict[str, Any]],
+              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """eval.json's FD-scenes keys for images (P, N, H, W, 3) of the prompt records."""
+    from ecdit_cli import fd
+
+    trained = fd.load_scene_net(images.shape[2], on_progress)
+    return {**fd.fd_scenes(trained.net, images, list(records)),
+            "fd_net": {"version": fd.NET_VERSION, "image_size": trained.size,
+                       "val_shape_acc": trained.val_shape_acc, "val_color_acc": trained.val_color_acc,
+                       "val_occupancy_acc": trained.val_occupancy_acc}}
 
 
 def write_eval_files(out: Path, records: Sequence[dict[str, Any]], images: np.ndarray,
@@ -199,6 +224,14 @@ def format_scores(doc: dict[str, Any]) -> list[tuple[str, str]]:
     if doc.get("heldout") is not None:
         rows.append(("held-out captions", f"{100 * doc['heldout']:.1f}"))
     return rows
+
+
+def format_fd(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, value) rows of FD-scenes, empty when the eval ran without it."""
+    if doc.get("fd_scenes") is None:
+        return []
+    return [("FD-scenes (lower is better; not FID)", f"{doc['fd_scenes']:.1f}"),
+            ("FD-scenes floor (rendered vs rendered)", f"{doc['fd_scenes_floor']:.1f}")]
 
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:

@@ -155,9 +155,11 @@ def _runs_table(data: CollectResult) -> Table:
         "final train loss",
         "final val loss",
         "GenEval overall",
+        "FD-scenes",
         "wall time (s)",
     ]
     has_eval = "eval_overall" in runs
+    has_fd = "eval_fd_scenes" in runs
     rows = []
     for i, r in runs.iterrows():
         rows.append(
@@ -173,6 +175,7 @@ def _runs_table(data: CollectResult) -> Table:
                 fmt_num(r["final_train_loss"]),
                 fmt_num(r["final_val_loss"]),
                 _pct(r["eval_overall"]) if has_eval else "—",
+                fmt_num(r["eval_fd_scenes"], 4) if has_fd else "—",
                 fmt_num(r["wall_time_s"], 3),
             ]
         )

@@ -32,3 +32,16 @@ def ec_run(tmp_path_factory):
 def tc_run(tmp_path_factory):
     """A finished token-choice run (8 experts, top-2, f = 2)."""
     return train_debug_run(tmp_path_factory.mktemp("runs") / "tc", "token_choice")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_fd_network(tmp_path_factory):
+    """FD-scenes trains its network on first use (about a minute): the tests train a small one,
+    once per session, into a temporary cache instead of the user's."""
+    from ecdit_cli import fd
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ECDIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(fd, "TRAIN_IMAGES", 3000)
+        mp.setattr(fd, "TRAIN_STEPS", 300)
+        yield

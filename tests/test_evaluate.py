@@ -58,6 +58,9 @@ def test_eval_of_the_renderers_own_images_scores_one_and_writes_every_file(run, 
     assert on_disk["tasks"] == dict.fromkeys(TAGS, 1.0)
     assert on_disk["prompts_with_any_correct"] == 1.0 and on_disk["heldout"] == 1.0
     assert on_disk["num_images"] == 2 * PER_TAG * len(TAGS)
+    # FD-scenes: the renderer's own scenes sit near the rendered-vs-rendered floor.
+    assert 0 <= on_disk["fd_scenes"] < 2 * on_disk["fd_scenes_floor"]
+    assert on_disk["fd_net"]["image_size"] == 32 and on_disk["fd_net"]["val_color_acc"] > 0.9
     assert on_disk["settings"] == {"cfg": 2.5, "steps": 7, "seed": 4, "n": 2, "per_tag": PER_TAG, "ema": True,
                                    "shift": 1.0, "prompt_set_seed": 0}
     records = geneval.read_prompts(run / "eval" / "prompts.jsonl")
@@ -70,7 +73,8 @@ def test_eval_of_the_renderers_own_images_scores_one_and_writes_every_file(run, 
     assert (run / "eval" / "examples.png").read_bytes()[:4] == b"\x89PNG"
     # `ecdit collect` reads it.
     assert _read_eval(run, []) == {"eval_overall": 1.0, **{f"eval_{t}": 1.0 for t in TAGS},
-                                   "eval_prompts_with_any_correct": 1.0}
+                                   "eval_prompts_with_any_correct": 1.0, "eval_fd_scenes": on_disk["fd_scenes"],
+                                   "eval_fd_scenes_floor": on_disk["fd_scenes_floor"]}
 
 
 def test_blank_images_score_zero_on_every_task(run, monkeypatch):
@@ -78,6 +82,8 @@ def test_blank_images_score_zero_on_every_task(run, monkeypatch):
     doc = evaluate_run(run, n=1, per_tag=PER_TAG)
     assert doc["overall"] == 0.0 and doc["tasks"] == dict.fromkeys(TAGS, 0.0)
     assert doc["prompts_with_any_correct"] == 0.0
+    assert doc["fd_scenes"] > 2 * doc["fd_scenes_floor"]  # 12 images: the floor itself is high
+    assert "fd_scenes" not in evaluate_run(run, n=1, per_tag=PER_TAG, fd=False)
     reasons = [json.loads(line)["reason"] for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
     assert all(r.startswith("expected") for r in reasons)
 

@@ -103,13 +103,14 @@ def eval_(
     per_tag: Annotated[Optional[int], typer.Option("--per-tag", help="Prompts per task tag (default: 32, i.e. 192 prompts).")] = None,
     no_ema: NoEma = False,
     device: Device = "auto",
+    fd: Annotated[bool, typer.Option("--fd/--no-fd", help="Also compute FD-scenes, a Fréchet distance on a small scene network's features (not FID; its network trains once, about a minute, then is cached).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of a table.")] = False,
 ) -> None:
     """GenEval on the built-in scenes, scored by the exact detector; writes RUN_DIR/eval.json and RUN_DIR/eval/."""
     from rich.table import Table
 
     from ecdit_cli import rundir
-    from ecdit_cli.evaluate import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_scores
+    from ecdit_cli.evaluate import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_fd, format_scores
     from ecdit_cli.utils import to_json
 
     console = _console()
@@ -119,8 +120,12 @@ def eval_(
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
+        def on_fd_progress(done: int, total: int) -> None:
+            progress.update(task, description="training the FD-scenes network (once)", completed=done, total=total)
+
         doc = evaluate_run(run_dir, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift, per_tag=per_tag,
-                           use_ema=not no_ema, device=_device(device), on_progress=on_progress)
+                           use_ema=not no_ema, device=_device(device), on_progress=on_progress, fd=fd,
+                           on_fd_progress=on_fd_progress)
     if as_json:
         typer.echo(to_json(doc, indent=2))
         return
@@ -129,6 +134,11 @@ def eval_(
     table.add_column("score %", justify="right")
     for task_name, score in format_scores(doc):
         table.add_row(task_name, score, style="bold" if task_name == "overall" else None)
+    fd_rows = format_fd(doc)
+    if fd_rows:
+        table.add_section()
+        for name, value in fd_rows:
+            table.add_row(name, value)
     console.print(table)
     console.print(f"wrote {Path(run_dir) / rundir.EVAL} and {Path(run_dir) / EVAL_DIR}/ "
                   f"(examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
