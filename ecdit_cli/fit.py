@@ -58,6 +58,7 @@ class PowerLawFit:
     warnings: list[str] = field(default_factory=list)
     group: Any = None
     boot: np.ndarray | None = field(default=None, repr=False, compare=False)  # (n_boot_ok, 3): E, A, alpha
+    exact: bool = False  # no more distinct points than parameters: the curve interpolates, no intervals
 
     def to_dict(self) -> dict[str, Any]:
         return _fit_dict(self, ("E", "A", "alpha"))
@@ -82,6 +83,7 @@ class ChinchillaFit:
     warnings: list[str] = field(default_factory=list)
     group: Any = None
     boot: np.ndarray | None = field(default=None, repr=False, compare=False)  # (n_boot_ok, 5) like E..beta
+    exact: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return _fit_dict(self, ("E", "A", "alpha", "B", "beta"))
@@ -264,7 +266,7 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
     return dict(zip(names, map(float, params), strict=True)), dict(
         ci=dict(zip(names, _ci(boot, level), strict=True)), n=len(y), rmse_log=float(np.sqrt(np.mean(r**2))),
         r2_log=1 - float((r**2).sum()) / ss_tot if ss_tot > 0 else math.nan, converged=ok, n_boot=0 if exact else n_boot,
-        n_boot_ok=len(boot), warnings=warns, group=group, boot=boot)
+        n_boot_ok=len(boot), warnings=warns, group=group, boot=boot, exact=exact)
 
 
 # ---------------------------------------------------------------------------- power law
@@ -293,6 +295,9 @@ def predict(fit: PowerLawFit, x) -> np.ndarray:
 
 def prediction_band(fit: PowerLawFit, x, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Pointwise (lo, hi) band of the fitted curve at 1-D x, from the bootstrap parameter samples."""
+    if fit.exact:
+        raise FitError(f"no bootstrap samples to draw a band from: {fit.n} points for 3 parameters, "
+                       "the curve passes through every point")
     if fit.boot is None or len(fit.boot) < 2:
         raise FitError("no bootstrap samples to draw a band from: fit with n_boot > 0")
     curves = np.exp(_log_curve(fit.boot[:, 0], fit.boot[:, 1], fit.boot[:, 2], x))  # (n_boot_ok, len(x))

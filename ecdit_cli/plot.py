@@ -287,10 +287,8 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
             lo, hi = prediction_band(fit, grid)
             ax.fill_between(grid, lo, hi, color=color, alpha=0.15, lw=0)
             bands += 1
-        except FitError:
-            exact = [w.split(":")[0] for w in fit.warnings if "passes through every point" in w]
-            why = f"{exact[0]}: the curve passes through every point" if exact else "no bootstrap refits"
-            reasons.append(f"{lay.label(s)}: no band ({why})")
+        except FitError as err:
+            reasons.append(f"{lay.label(s)}: {err}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     if not done.empty:
