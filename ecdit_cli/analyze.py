@@ -45,7 +45,7 @@ from ecdit_cli import __version__, rundir
 from ecdit_cli import sample as sampling
 from ecdit_cli.analyze_figures import UNIT, write_figures
 from ecdit_cli.errors import EcditError
-from ecdit_cli.utils import atomic_write_bytes, atomic_write_json
+from ecdit_cli.files import atomic_write_bytes, atomic_write_json, npz_bytes
 
 ANALYZE_DIR = "analyze"
 ANALYZE_JSON = "analyze.json"
@@ -445,7 +445,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, use_ema:
     doc["wall_time_s"] = time.time() - t0
     out = Path(out_dir) if out_dir is not None else run_dir / ANALYZE_DIR
     files = write_figures(doc, result, out)
-    atomic_write_bytes(out / ROUTING_NPZ, sampling.npz_bytes(**raw, prompts=np.asarray(result.prompts)))
+    atomic_write_bytes(out / ROUTING_NPZ, npz_bytes(**raw, prompts=np.asarray(result.prompts)))
     files["routing"] = out / ROUTING_NPZ
     atomic_write_json(out / ANALYZE_JSON, doc)
     files["json"] = out / ANALYZE_JSON

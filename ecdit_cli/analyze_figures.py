@@ -220,7 +220,7 @@ def token_choice_figure(doc: dict[str, Any]):
 
 def write_figures(doc: dict[str, Any], result: sampling.SampleResult, out: str | Path) -> dict[str, Path]:
     """Every figure that applies, as PNG and SVG; returns {name: png path}."""
-    from ecdit_cli.plot import save_figure
+    from ecdit_cli.figures import save_figure
 
     figs = {"heatmaps": heatmap_figure(doc, result.images), "experts_histogram": histogram_figure(doc)}
     if doc.get("ground_truth"):

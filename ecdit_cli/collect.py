@@ -34,8 +34,8 @@ import pandas as pd
 
 from ecdit_cli import rundir
 from ecdit_cli.errors import EcditError
+from ecdit_cli.files import atomic_write_text, read_json
 from ecdit_cli.sweep import ACCOUNTING_COLUMNS
-from ecdit_cli.utils import atomic_write_text, read_json
 
 RUNS_CSV = "runs.csv"
 CURVES_CSV = "curves.csv"

@@ -38,7 +38,8 @@ from ecdit_cli import sample as sampling
 from ecdit_cli.data import geneval
 from ecdit_cli.data.scenes import TAGS
 from ecdit_cli.errors import EcditError
-from ecdit_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, to_json
+from ecdit_cli.figures import figure_bytes
+from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text, npz_bytes, to_json
 
 EVAL_DIR = "eval"
 PROMPTS_FILE = "prompts.jsonl"
@@ -174,10 +175,10 @@ def write_eval_files(out: Path, records: Sequence[dict[str, Any]], images: np.nd
                      per_image: Sequence[dict[str, Any]]) -> None:
     """images.npz, results.jsonl and examples.png into `out` (each atomically)."""
     images_u8 = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-    atomic_write_bytes(out / IMAGES_FILE, sampling.npz_bytes(images=images_u8,
+    atomic_write_bytes(out / IMAGES_FILE, npz_bytes(images=images_u8,
                                                              prompts=np.asarray([r["prompt"] for r in records])))
     atomic_write_text(out / RESULTS_FILE, "".join(to_json(r) + "\n" for r in per_image))
-    atomic_write_bytes(out / EXAMPLES_FILE, sampling.figure_png(examples_figure(records, images, per_image)))
+    atomic_write_bytes(out / EXAMPLES_FILE, figure_bytes(examples_figure(records, images, per_image)))
 
 
 def examples_figure(records: Sequence[dict[str, Any]], images: np.ndarray, per_image: Sequence[dict[str, Any]],
@@ -236,7 +237,7 @@ def format_fd(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:
     """A run's eval.json (an EcditError when it has none)."""
-    from ecdit_cli.utils import read_json
+    from ecdit_cli.files import read_json
 
     return read_json(Path(run_dir) / rundir.EVAL, what="eval results")
 

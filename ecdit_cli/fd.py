@@ -159,7 +159,7 @@ def _cache_path(size: int) -> Path:
 def load_scene_net(size: int, on_progress: Callable[[int, int], None] | None = None) -> TrainedNet:
     """The cached network for `size`; trained (and cached, where the cache is writable) on first use."""
     from ecdit_cli.data.scenes import COLORS, SHAPES
-    from ecdit_cli.utils import atomic_write_bytes
+    from ecdit_cli.files import atomic_write_bytes
 
     path = _cache_path(size)
     accs = ("val_shape_acc", "val_color_acc", "val_occupancy_acc")

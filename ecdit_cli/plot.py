@@ -2,34 +2,29 @@
 
 Every function takes collected data (`collect.CollectResult` tables) and, for the scaling
 figures, the fits of `ecdit_cli.fit`, and returns a matplotlib Figure; the caller saves it
-(`save_figure` writes PNG and SVG). One colour per routing across all figures (dense dark grey,
+(`figures.save_figure` writes PNG and SVG). One colour per routing across all figures (dense dark grey,
 token choice blue, expert choice orange-red); within a routing, a lighter shade and a different
 marker mark a smaller model, and a different line style another series (e.g. E=16 vs E=8).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-matplotlib.use("Agg")  # files only; never a display, also on a laptop with one
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import to_rgb  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
-
-from ecdit_cli.collect import CollectResult, series_labels, series_order, size_labels, size_order  # noqa: E402
-from ecdit_cli.utils import atomic_write_bytes  # noqa: E402
+from ecdit_cli import figures  # noqa: F401, I001  (first: the Agg backend and the house style)
+from ecdit_cli.collect import CollectResult, series_labels, series_order, size_labels, size_order
+from ecdit_cli.numbers import si
 
 ROUTING_COLORS = {"dense": "#3a3a3a", "token_choice": "#1f6fb4", "expert_choice": "#e0541b"}
 ROUTING_NAMES = {"dense": "Dense", "token_choice": "Token choice (TC)", "expert_choice": "Expert choice (EC)"}
@@ -49,14 +44,6 @@ EVAL_TASKS = ("overall", "single_object", "two_object", "counting", "colors", "p
 FIGURES = ("loss_vs_steps", "loss_vs_flops", "scaling_params", "scaling_flops", "loss_vs_timestep",
            "routing_stats", "eval_scores")  # fmt: skip
 
-plt.rcParams.update({
-    "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.25,
-    "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "font.size": 9,
-    "svg.hashsalt": "ecdit",  # deterministic SVG ids
-    "svg.fonttype": "none",  # text stays text in SVGs: smaller, editable, faster to write
-})  # fmt: skip
-
-
 def routing_color(routing: str) -> str:
     if routing in ROUTING_COLORS:
         return ROUTING_COLORS[routing]
@@ -73,16 +60,6 @@ def shade(color: str, rank: int, n: int) -> tuple[float, float, float]:
         return to_rgb(color)
     k = 0.45 + 0.55 * rank / (n - 1)  # 45% .. 100% of the full colour
     return tuple(1 - k * (1 - c) for c in to_rgb(color))  # type: ignore[return-value]
-
-
-def si(value: float) -> str:
-    """1.5e9 -> '1.5G': compact tick labels for parameters and FLOPs."""
-    if value == 0 or not math.isfinite(value):
-        return f"{value:g}"
-    for exp, suffix in ((18, "E"), (15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k")):
-        if abs(value) >= 10**exp:
-            return f"{value / 10**exp:.3g}{suffix}"
-    return f"{value:.3g}"
 
 
 def tidy_log_axis(ax: Any, which: str) -> None:
@@ -514,7 +491,7 @@ def eval_scores(data: CollectResult) -> Figure | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# All figures, and saving
+# All figures
 
 
 def make_figures(
@@ -539,19 +516,3 @@ def make_figures(
     if ev is not None:
         figs["eval_scores"] = ev
     return figs
-
-
-def figure_bytes(fig: Figure, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-    return buf.getvalue()
-
-
-def save_figure(fig: Figure, plots_dir: str | Path, stem: str) -> dict[str, Path]:
-    """Write `stem`.png and `stem`.svg atomically; returns {"png": path, "svg": path}."""
-    out = {}
-    for fmt in ("png", "svg"):
-        path = Path(plots_dir) / f"{stem}.{fmt}"
-        atomic_write_bytes(path, figure_bytes(fig, fmt))
-        out[fmt] = path
-    return out

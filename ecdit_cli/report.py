@@ -25,8 +25,9 @@ from ecdit_cli import collect as collect_mod
 from ecdit_cli.analysis import FIT_X, Analysis, ChinchillaResult, analyse
 from ecdit_cli.collect import CollectResult, series_labels, size_labels
 from ecdit_cli.errors import EcditError
+from ecdit_cli.files import atomic_write_text
 from ecdit_cli.fit import HoldoutResult, PowerLawFit
-from ecdit_cli.utils import atomic_write_text
+from ecdit_cli.numbers import sig
 
 
 @dataclass
@@ -42,21 +43,9 @@ class ReportFiles:
 # Formatting: tables as (headers, rows) of strings, rendered to Markdown or HTML
 
 
-def fmt_num(v: Any, digits: int = 4) -> str:
-    """4 significant digits, scientific outside [1e-3, 1e6), an em dash for missing values."""
-    if v is None or isinstance(v, str):
-        return v or "—"
-    v = float(v)
-    if not math.isfinite(v):
-        return "—"
-    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
-
-
 def _ci(fit: PowerLawFit, k: str) -> str:
     lo, hi = fit.ci.get(k, (math.nan, math.nan))
-    return f"{fmt_num(getattr(fit, k))} [{fmt_num(lo)}, {fmt_num(hi)}]"
+    return f"{sig(getattr(fit, k))} [{sig(lo)}, {sig(hi)}]"
 
 
 def _pct(v: Any) -> str:
@@ -81,8 +70,8 @@ def _fit_table(fits: dict[str, PowerLawFit | str]) -> Table:
                     _ci(f, "E"),
                     _ci(f, "A"),
                     _ci(f, "alpha"),
-                    fmt_num(f.rmse_log, 3),
-                    fmt_num(f.r2_log, 5),
+                    sig(f.rmse_log, 3),
+                    sig(f.r2_log, 5),
                     f"{f.n_boot_ok}/{f.n_boot}",
                     "; ".join(f.warnings),
                 ]
@@ -98,7 +87,7 @@ def _holdout_table(hold: dict[str, HoldoutResult | str], x: str) -> Table:
             rows.append([s, "—", "—", "—", f"not possible: {h}"])
         else:
             rows.append(
-                [s, fmt_num(h.x_held), fmt_num(h.predicted), fmt_num(h.actual), f"{100 * h.rel_error:+.2f}%"]
+                [s, sig(h.x_held), sig(h.predicted), sig(h.actual), f"{100 * h.rel_error:+.2f}%"]
             )
     return head, rows
 
@@ -106,17 +95,17 @@ def _holdout_table(hold: dict[str, HoldoutResult | str], x: str) -> Table:
 def _effective_table(eff: pd.DataFrame) -> Table:
     head = ["run", "series", "activated params", "total params", "final val loss", "dense-equivalent params",
             "× per activated param", "× per total param", "notes"]  # fmt: skip
-    rows = [[r.run_id, r.series, fmt_num(r.params_active), fmt_num(r.params_total), fmt_num(r.final_val_loss),
-             fmt_num(r.dense_equiv_params) if not r.reason else f"— ({r.reason})", fmt_num(r.multiplier_active, 3),
-             fmt_num(r.multiplier_total, 3), r.note] for r in eff.itertuples()]  # fmt: skip
+    rows = [[r.run_id, r.series, sig(r.params_active), sig(r.params_total), sig(r.final_val_loss),
+             sig(r.dense_equiv_params) if not r.reason else f"— ({r.reason})", sig(r.multiplier_active, 3),
+             sig(r.multiplier_total, 3), r.note] for r in eff.itertuples()]  # fmt: skip
     return head, rows
 
 
 def _speedup_table(sp: pd.DataFrame) -> Table:
     head = ["run", "size", "dense run", "dense final val loss", "fraction of steps", "fraction of FLOPs",
             "speed-up (steps)", "notes"]  # fmt: skip
-    rows = [[r.run_id, str(r.size), r.dense_run, fmt_num(r.target_loss), _pct(r.steps_fraction),
-             _pct(r.flops_fraction), fmt_num(r.speedup_steps, 3) + ("×" if math.isfinite(r.speedup_steps) else ""),
+    rows = [[r.run_id, str(r.size), r.dense_run, sig(r.target_loss), _pct(r.steps_fraction),
+             _pct(r.flops_fraction), sig(r.speedup_steps, 3) + ("×" if math.isfinite(r.speedup_steps) else ""),
              r.reason] for r in sp.itertuples()]  # fmt: skip
     return head, rows
 
@@ -128,11 +117,11 @@ def _chinchilla_tables(ch: dict[str, ChinchillaResult | str]) -> tuple[Table, Ta
             fit_rows.append([routing] + ["-"] * 6 + [res])
             continue
         f = res.fit
-        fit_rows.append([routing, fmt_num(f.E), fmt_num(f.A), _ci(f, "alpha"), fmt_num(f.B), _ci(f, "beta"),
-                         str(res.n_points), "; ".join(f.warnings) or f"rmse(log) {fmt_num(f.rmse_log, 3)}"])
+        fit_rows.append([routing, sig(f.E), sig(f.A), _ci(f, "alpha"), sig(f.B), _ci(f, "beta"),
+                         str(res.n_points), "; ".join(f.warnings) or f"rmse(log) {sig(f.rmse_log, 3)}"])
         o = res.optimal
         for c, n, d, loss in zip(o.C, o.N_opt, o.D_opt, o.loss_opt, strict=False):
-            opt_rows.append([routing, fmt_num(c, 3), fmt_num(n, 3), fmt_num(d, 3), fmt_num(loss),
+            opt_rows.append([routing, sig(c, 3), sig(n, 3), sig(d, 3), sig(loss),
                              f"{o.a:.2f} / {o.b:.2f}"])
     fits = (["series", "E", "A", "alpha [95% CI]", "B", "beta [95% CI]", "points", "quality / notes"], fit_rows)
     opts = (["series", "budget C (FLOPs)", "N_opt (activated params)", "D_opt (images)", "fitted loss",
@@ -168,15 +157,15 @@ def _runs_table(data: CollectResult) -> Table:
                 str(size[i]),
                 series[i],
                 r["status"],
-                f"{fmt_num(r['step'])} / {fmt_num(r['steps'])}",
-                fmt_num(r["params_total"]),
-                fmt_num(r["params_active"]),
-                fmt_num(r["train_flops"]),
-                fmt_num(r["final_train_loss"]),
-                fmt_num(r["final_val_loss"]),
+                f"{sig(r['step'])} / {sig(r['steps'])}",
+                sig(r["params_total"]),
+                sig(r["params_active"]),
+                sig(r["train_flops"]),
+                sig(r["final_train_loss"]),
+                sig(r["final_val_loss"]),
                 _pct(r["eval_overall"]) if has_eval else "—",
-                fmt_num(r["eval_fd_scenes"], 4) if has_fd else "—",
-                fmt_num(r["wall_time_s"], 3),
+                sig(r["eval_fd_scenes"], 4) if has_fd else "—",
+                sig(r["wall_time_s"], 3),
             ]
         )
     return head, rows
@@ -225,13 +214,13 @@ def _header(data: CollectResult) -> list[tuple[str, Any]]:
     ]  # fmt: skip
     items = []
     for _, r in runs[runs["status"].isin(["running", "interrupted"])].iterrows():
-        items.append(f"{r['run_id']}: {r['status']} at step {fmt_num(r['step'])} of {fmt_num(r['steps'])}")
+        items.append(f"{r['run_id']}: {r['status']} at step {sig(r['step'])} of {sig(r['steps'])}")
     for _, r in runs[runs["status"] == "pending"].iterrows():
         where = " (no run directory)" if r["run_id"] in data.missing else ""
         items.append(f"{r['run_id']}: pending, not started{where}")
     for _, r in runs[runs["status"] == "failed"].iterrows():
         items.append(
-            f"{r['run_id']}: FAILED at step {fmt_num(r['step'])}: {r['error'] or 'no error recorded'}"
+            f"{r['run_id']}: FAILED at step {sig(r['step'])}: {r['error'] or 'no error recorded'}"
         )
     if items:
         blocks += [("p", "Not done (their rows are kept; fits use done runs only):"), ("ul", items)]
@@ -377,7 +366,8 @@ def write_report(
     plots/, and write report.md and report.html into the study directory."""
     import matplotlib.pyplot as plt
 
-    from ecdit_cli.plot import make_figures, save_figure
+    from ecdit_cli.figures import save_figure
+    from ecdit_cli.plot import make_figures
 
     data = data or collect_mod.load(path, recollect)
     root = data.study_dir

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ecdit_cli.errors import EcditError
-from ecdit_cli.utils import read_json, read_jsonl
+from ecdit_cli.files import read_json, read_jsonl
+from ecdit_cli.lock import RunLock
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -99,8 +100,6 @@ def run_status(run_dir: str | Path) -> str:
 
 
 def lock_is_held(run_dir: str | Path) -> bool:
-    from ecdit_cli.train.lock import RunLock
-
     return RunLock(Path(run_dir) / LOCK).is_held()
 
 

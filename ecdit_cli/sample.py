@@ -24,7 +24,6 @@ conditional tokens only) and every MoE layer's routing is kept per Euler step
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import textwrap
@@ -39,7 +38,8 @@ import torch
 
 from ecdit_cli.diffusion import cfg_combine, euler_sample, euler_timesteps
 from ecdit_cli.errors import EcditError
-from ecdit_cli.utils import atomic_write_bytes
+from ecdit_cli.figures import figure_bytes
+from ecdit_cli.files import atomic_write_bytes, npz_bytes
 
 DEFAULT_CFG_SCALE = 4.0
 DEFAULT_STEPS = 30
@@ -244,6 +244,8 @@ def show_image(ax, image: np.ndarray) -> None:
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
+    for spine in ax.spines.values():  # a whole frame, whatever the house style hides on plots
+        spine.set_visible(True)
 
 
 def image_grid(result: SampleResult, title: str | None = None):
@@ -268,18 +270,6 @@ def image_grid(result: SampleResult, title: str | None = None):
     return fig
 
 
-def figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150)
-    return buf.getvalue()
-
-
-def npz_bytes(**arrays: Any) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
 def save_samples(result: SampleResult, png_path: str | Path) -> dict[str, Path]:
     """Write the grid to `png_path` and the raw images beside it (same stem, `.npz`).
 
@@ -292,5 +282,5 @@ def save_samples(result: SampleResult, png_path: str | Path) -> dict[str, Path]:
     npz = png.with_suffix(".npz")
     atomic_write_bytes(npz, npz_bytes(images=result.images, prompts=np.asarray(result.prompts),
                                       settings=np.asarray(json.dumps(result.settings))))
-    atomic_write_bytes(png, figure_png(image_grid(result)))
+    atomic_write_bytes(png, figure_bytes(image_grid(result)))
     return {"png": png, "npz": npz}

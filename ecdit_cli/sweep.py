@@ -56,10 +56,11 @@ from ecdit_cli.config import (
     deep_merge,
     load_run_config,
     load_yaml,
+    nest,
     resolve_config,
 )
 from ecdit_cli.errors import ConfigError, EcditError, did_you_mean
-from ecdit_cli.utils import atomic_write_text
+from ecdit_cli.files import atomic_write_text
 
 # Named axes -> config keys. Dotted keys are accepted as axes directly.
 AXES: dict[str, str] = {
@@ -179,16 +180,6 @@ def _fmt(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "", s.replace("+", ""))
 
 
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
 def _applies(axis: str, routing: str) -> bool:
     if routing == "dense":
         return axis not in MOE_ONLY_AXES
@@ -253,7 +244,7 @@ def _point_config(spec: StudySpec, point_axes: dict[str, Any], where: str) -> Ru
         if axis == "images":
             images = value
             continue
-        data = deep_merge(data, _nest(AXES.get(axis, axis), value))
+        data = deep_merge(data, nest(AXES.get(axis, axis), value))
     try:
         cfg = resolve_config(preset=preset, base=data)
         if images is not None:

@@ -21,8 +21,8 @@ from ecdit_cli.analyze_figures import token_choice_figure
 from ecdit_cli.config import resolve_config, save_config
 from ecdit_cli.data.scenes import SceneSpec, scene_for_metadata
 from ecdit_cli.errors import EcditError
+from ecdit_cli.figures import save_figure
 from ecdit_cli.model.load import load_run
-from ecdit_cli.plot import save_figure
 
 SETTINGS = {"prompts": ["a red circle", "two squares"], "n": 2, "steps": 4, "scenes_per_tag": 2}
 FIGURES = ("heatmaps", "experts_histogram", "object_vs_background", "complexity", "specialisation")

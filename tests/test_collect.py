@@ -11,7 +11,7 @@ from ecdit_cli import cli
 from ecdit_cli.collect import CURVE_COLUMNS, collect, needs_collect, read_collected
 from ecdit_cli.errors import EcditError
 from ecdit_cli.fit import fit_power_law
-from ecdit_cli.train.lock import RunLock
+from ecdit_cli.lock import RunLock
 
 
 @pytest.fixture

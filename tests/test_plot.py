@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from ecdit_cli import cli
 from ecdit_cli.collect import collect
 from ecdit_cli.fit import fit_power_law
+from ecdit_cli.numbers import sig as fmt_num
 from ecdit_cli.plot import FIGURES, ROUTING_COLORS, loss_curves, scaling
-from ecdit_cli.report import fmt_num, write_report
+from ecdit_cli.report import write_report
 
 N_BOOT, SEED = 40, 1
 

@@ -15,9 +15,9 @@ import yaml
 from ecdit_cli import rundir
 from ecdit_cli.config import resolve_config, save_config
 from ecdit_cli.errors import EcditError
-from ecdit_cli.train.lock import RunLock
+from ecdit_cli.files import read_jsonl
+from ecdit_cli.lock import RunLock
 from ecdit_cli.train.loop import TrainingFailed, train
-from ecdit_cli.utils import read_jsonl
 
 TIMING = {"images_per_s", "wall_time_s"}
 BASE = ["train.batch_size=8", "data.val_size=16", "train.warmup_steps=2", "train.log_every=3",

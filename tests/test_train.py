@@ -10,9 +10,9 @@ import torch
 
 from ecdit_cli import rundir
 from ecdit_cli.config import resolve_config
+from ecdit_cli.files import read_jsonl
 from ecdit_cli.model.load import load_run
 from ecdit_cli.train.loop import Callbacks, train
-from ecdit_cli.utils import read_jsonl
 
 TIMING = {"images_per_s", "wall_time_s"}
 BASE = ["train.batch_size=8", "data.val_size=16", "train.warmup_steps=3", "train.log_every=5",

@@ -17,10 +17,10 @@ from ecdit_cli.bench.ep import bench_ep
 from ecdit_cli.bench.moe import VARIANTS, LayerShape, bench_moe, memory_sweep, shapes_from_lists
 from ecdit_cli.bench.report import ep_markdown, moe_markdown, step_markdown
 from ecdit_cli.bench.step import MODELS, bench_step, step_configs
-from ecdit_cli.bench.timing import interleaved, machine_info, peak_memory, resolve_device, summary
+from ecdit_cli.bench.timing import bench_device, interleaved, machine_info, peak_memory, summary
 
 __all__ = [
-    "MODELS", "VARIANTS", "LayerShape", "bench_ep", "bench_moe", "bench_step", "ep_markdown", "interleaved",
-    "machine_info", "memory_sweep", "moe_markdown", "peak_memory", "resolve_device", "shapes_from_lists",
+    "MODELS", "VARIANTS", "LayerShape", "bench_device", "bench_ep", "bench_moe", "bench_step", "ep_markdown", "interleaved",
+    "machine_info", "memory_sweep", "moe_markdown", "peak_memory", "shapes_from_lists",
     "step_configs", "step_markdown", "summary",
 ]

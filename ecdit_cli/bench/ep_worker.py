@@ -22,11 +22,11 @@ class AllToAllTimer:
     """Accumulates the seconds spent in DeepSpeed's `_AllToAll.forward` (its backward calls it too)."""
 
     def __init__(self) -> None:
-        from deepspeed.moe import sharded_moe
+        from ecdit_cli import deepspeed_compat
 
         self.seconds = 0.0
         self.calls = 0
-        self._cls = sharded_moe._AllToAll
+        self._cls = deepspeed_compat.all_to_all_class()
         self._orig = self._cls.forward
         orig = self._orig
 

@@ -21,20 +21,14 @@ from typing import Any
 
 import torch
 
+from ecdit_cli import deepspeed_compat
+from ecdit_cli.devices import resolve_device
 from ecdit_cli.errors import EcditError
 
-DEVICES = ("cpu", "cuda")
 
-
-def resolve_device(device: str) -> torch.device:
-    """'cpu' or 'cuda' -> a torch.device; a clear error when CUDA is asked for and absent."""
-    if device not in DEVICES:
-        raise EcditError(f"device {device!r} is invalid: allowed: {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch with CUDA {torch.version.cuda}"
-        raise EcditError(f"device 'cuda' asked for, but no CUDA device is visible ({build} {torch.__version__}); "
-                         "use --device cpu")
-    return torch.device(device)
+def bench_device(device: str) -> torch.device:
+    """'cpu' or 'cuda' -> a torch.device (benchmarks name their device; no 'auto')."""
+    return torch.device(resolve_device(device, "--device", allowed=("cpu", "cuda")))
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -163,12 +157,7 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "dtype": str(dtype).replace("torch.", ""),
         "load_avg_1m": load_average(),
     }
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        info["deepspeed"] = None
+    info["deepspeed"] = deepspeed_compat.version()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

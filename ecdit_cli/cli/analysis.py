@@ -77,7 +77,7 @@ def fit(
     """Fit the saturating power law L = E + A X^-alpha, with 95% bootstrap CIs, per group."""
     from ecdit_cli.analysis import fit_csv
     from ecdit_cli.errors import EcditError
-    from ecdit_cli.utils import to_json
+    from ecdit_cli.files import to_json
 
     results, notes = fit_csv(table, x, y, group, n_boot=n_boot, seed=seed, all_rows=all_rows)
     _print_warnings(notes)
@@ -102,7 +102,7 @@ def _fit_table(results, x: str, y: str, group: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ecdit_cli.report import fmt_num as _g
+    from ecdit_cli.numbers import sig as _g
 
     t = Table(title=f"{y} = E + A * {x}^-alpha  (95% bootstrap CIs)")
     for col in ([group] if group else []) + ["n", "E", "A", "alpha", "RMSE (log)", "R² (log)", "boot ok"]:

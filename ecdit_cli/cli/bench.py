@@ -34,18 +34,16 @@ def _progress(quiet: bool):
 def _stdout_to_stderr():
     """Keep stdout for the results: DeepSpeed prints and logs to stdout (its logger binds the
     stream at import, so it is imported here, inside the redirection)."""
-    from ecdit_cli.utils import prepare_deepspeed_import
+    from ecdit_cli import deepspeed_compat
 
-    prepare_deepspeed_import()
     with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401
-
+        deepspeed_compat.import_deepspeed()
         yield
 
 
 def _emit(result: dict, markdown: str, as_json: bool, path: Optional[Path]) -> None:
     if path is not None:
-        from ecdit_cli.utils import atomic_write_text
+        from ecdit_cli.files import atomic_write_text
 
         atomic_write_text(path, markdown + "\n")
     if as_json:
@@ -80,10 +78,10 @@ def moe(
     The shapes are every combination of --images, --tokens, --width and --experts (default: 8 images x 256
     tokens, widths 256 and 512, 8 experts).
     """
-    from ecdit_cli.bench import bench_moe, moe_markdown, resolve_device, shapes_from_lists
+    from ecdit_cli.bench import bench_device, bench_moe, moe_markdown, shapes_from_lists
     from ecdit_cli.bench.timing import set_threads
 
-    dev = resolve_device(device)
+    dev = bench_device(device)
     set_threads(threads)
     shapes = shapes_from_lists(images or [8], tokens or [256], width or [256, 512], experts or [8])
     with _stdout_to_stderr():
@@ -115,11 +113,11 @@ def step(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
 ) -> None:
     """Time a training step and a sampling step of the dense, token-choice and expert-choice models."""
-    from ecdit_cli.bench import bench_ep, bench_step, resolve_device, step_markdown
+    from ecdit_cli.bench import bench_device, bench_ep, bench_step, step_markdown
     from ecdit_cli.bench.timing import set_threads
     from ecdit_cli.errors import EcditError
 
-    dev = resolve_device(device)
+    dev = bench_device(device)
     if ep and dev.type != "cpu":
         raise EcditError("--ep runs on the CPU here (one GPU per process is not set up by the benchmark)")
     set_threads(threads)

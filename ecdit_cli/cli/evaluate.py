@@ -17,17 +17,9 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda w
 
 
 def _device(name: str) -> str:
-    import torch
+    from ecdit_cli.devices import resolve_device
 
-    from ecdit_cli.errors import EcditError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise EcditError(f"--device {name!r} is invalid: allowed: auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EcditError("--device cuda: no CUDA device is available")
-    return name
+    return resolve_device(name, "--device")
 
 
 def _console():
@@ -111,7 +103,7 @@ def eval_(
 
     from ecdit_cli import rundir
     from ecdit_cli.evaluate import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_fd, format_scores
-    from ecdit_cli.utils import to_json
+    from ecdit_cli.files import to_json
 
     console = _console()
     with _progress(console) as progress:

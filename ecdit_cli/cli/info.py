@@ -7,17 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ecdit_cli.cli.common import resolve_config_arg
-
 # Published totals (PAPER.md, Table 1): dense, and MoE (32 experts; 64 for M at depth 38).
 PUBLISHED = {"xl": (1.47e9, 6.08e9), "xxl": (2.35e9, 13.47e9), "3xl": (4.50e9, 32.15e9), "m": (8.03e9, 97.21e9)}
 
 
 def _num(x: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3f}{unit}" if unit == "B" else f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
+    """Counts with fixed decimals (0.726B, 2.76M) so a column of them lines up."""
+    from ecdit_cli.numbers import si
+
+    return si(x, count=True, decimals=3 if abs(x) >= 1e9 else 2 if abs(x) >= 1e3 else 0)
 
 
 def info(
@@ -31,8 +29,8 @@ def info(
     from rich.table import Table
 
     from ecdit_cli.accounting import count
+    from ecdit_cli.config import PRESETS, resolve_named_config
     from ecdit_cli.data.scenes import vocabulary
-    from ecdit_cli.presets import PRESETS
 
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -74,7 +72,7 @@ def info(
                           _num(r["params_text"]), f"{r['flops_per_image'] / 1e9:.3g}")
         console.print(table)
         return
-    cfg = resolve_config_arg(config, overrides)
+    cfg = resolve_named_config(config, overrides)
     acc = count(cfg, vocab if cfg.data.source == "scenes" else None)
     result = _summary(cfg, acc)
     if as_json:

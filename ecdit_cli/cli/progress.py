@@ -19,18 +19,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ecdit_cli.numbers import si
 from ecdit_cli.train.loop import Callbacks
 
 # soft_wrap: long lines (paths, messages) stay whole in logs instead of wrapping at 80 columns.
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _fmt_num(x: float) -> str:
-    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 def start_lines(info: dict[str, Any]) -> list[str]:
@@ -41,10 +35,10 @@ def start_lines(info: dict[str, Any]) -> list[str]:
         + f", {info['world_size']} process(es), {info['device']}, {info['precision']}, ZeRO-{info['zero_stage']}"
         + (f", ep_size {info['ep_size']}" if info["ep_size"] > 1 else ""),
         f"  {info['images_per_step']} images/step ({info['micro_batch_size']} per process x "
-        f"{info['grad_accum']} accumulation), {_fmt_num(info['tokens_per_step'])} tokens/step",
-        f"  params total {_fmt_num(info['params_total'])}, active {_fmt_num(info['params_active'])} "
-        f"(+ text encoder {_fmt_num(info['params_text'])}); forward {_fmt_num(info['flops_per_image'])}FLOP/image, "
-        f"{_fmt_num(info['flops_per_step'])}FLOP/step (train)",
+        f"{info['grad_accum']} accumulation), {si(info['tokens_per_step'])} tokens/step",
+        f"  params total {si(info['params_total'])}, active {si(info['params_active'])} "
+        f"(+ text encoder {si(info['params_text'])}); forward {si(info['flops_per_image'])}FLOP/image, "
+        f"{si(info['flops_per_step'])}FLOP/step (train)",
     ]
 
 

@@ -20,8 +20,8 @@ def sweep(
     from rich.console import Console
     from rich.table import Table
 
-    from ecdit_cli.cli.common import fmt_count
     from ecdit_cli.errors import EcditError
+    from ecdit_cli.numbers import si
     from ecdit_cli.sweep import axis_names, launch_script, load_spec, make_sweep, write_study
 
     console = Console(highlight=False)
@@ -44,8 +44,7 @@ def sweep(
         table.add_row(
             p.run_id, *[str(row[a]) if row[a] != "" else "-" for a in names],
             f"{row['dense_width_mult']:.3f}" if p.config.moe.routing == "dense" else "-",
-            fmt_count(row["params_total"]), fmt_count(row["params_active"]),
-            fmt_count(row["flops_per_image"]), fmt_count(row["train_flops"]),
+            *(si(row[k], count=True) for k in ("params_total", "params_active", "flops_per_image", "train_flops")),
         )
     console.print(table)
     script = None
@@ -61,7 +60,7 @@ def sweep(
     warnings = write_study(s, points, study)
     if script:
         from ecdit_cli import rundir
-        from ecdit_cli.utils import atomic_write_text
+        from ecdit_cli.files import atomic_write_text
 
         atomic_write_text(study / rundir.LAUNCH_SCRIPT, script)
         (study / rundir.LAUNCH_SCRIPT).chmod(0o755)

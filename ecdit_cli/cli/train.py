@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ecdit_cli.cli.common import exit_with, resolve_config_arg
+from ecdit_cli.cli.common import exit_with
 
 EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130}
 SET_HELP = "Override a config key, e.g. --set moe.routing=expert_choice (repeatable)."
@@ -41,7 +41,9 @@ def train(
     overrides = list(set_ or [])
     if ep is not None:
         overrides.append(f"moe.ep_size={ep}")
-    cfg = resolve_config_arg(config, overrides)
+    from ecdit_cli.config import resolve_named_config
+
+    cfg = resolve_named_config(config, overrides)
     from ecdit_cli.sweep import run_id_for_config
 
     cfg.name = cfg.name or run_id_for_config(cfg)

@@ -25,7 +25,7 @@ import numpy as np
 from ecdit_cli.data import detector
 from ecdit_cli.data.scenes import TAGS, caption_catalog, heldout_captions, is_heldout
 from ecdit_cli.errors import EcditError, did_you_mean
-from ecdit_cli.utils import atomic_write_text
+from ecdit_cli.files import atomic_write_text
 
 DEFAULT_PER_TAG = 32  # 6 x 32 = 192 prompts; with 4 images each, ~800 detector calls (~2-4 s)
 # Families whose evaluation prompts come from held-out captions only.

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecdit_cli.config import RunConfig
-from ecdit_cli.model.moe import FeedForward, MoEFeedForward, hash_seed
+from ecdit_cli.model.moe import FeedForward, MoEFeedForward
 from ecdit_cli.model.routing import RoutingResult
+from ecdit_cli.seeding import hash_seed
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

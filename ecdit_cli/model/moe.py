@@ -14,7 +14,6 @@ E experts (El local ones), C slots per expert, K routes per token.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,29 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ecdit_cli import deepspeed_compat
 from ecdit_cli.model.routing import RoutingResult, expert_choice, slots_to_routes, token_choice
+from ecdit_cli.seeding import hash_seed
 
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence), stable across runs and hosts."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def _import_deepspeed_moe():
-    from ecdit_cli.utils import prepare_deepspeed_import
-
-    prepare_deepspeed_import()
-    from deepspeed.moe.layer import MoE
-    from deepspeed.moe.sharded_moe import MOELayer
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    return MoE, MOELayer
-
-
-DeepSpeedMoE, MOELayer = _import_deepspeed_moe()
+DeepSpeedMoE, MOELayer = deepspeed_compat.moe_classes()
 
 
 class FeedForward(nn.Module):
@@ -347,7 +328,7 @@ class MoEFeedForward(DeepSpeedMoE):
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
         self.ep_size = ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
+        self.expert_group_name = deepspeed_compat.expert_group_name(ep_size)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
         gate = Router(hidden_size, num_experts, routing, capacity_factor, top_k, group_size, normalize_top_k,

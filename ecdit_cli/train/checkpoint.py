@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ecdit_cli.errors import EcditError
-from ecdit_cli.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COMPLETE = "ecdit_complete.json"
 

@@ -11,16 +11,17 @@ DeepSpeed's MoE parameter groups, so ZeRO-1/2 partition expert and shared states
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ecdit_cli import deepspeed_compat
 from ecdit_cli.config import RunConfig
+from ecdit_cli.devices import resolve_device
 from ecdit_cli.errors import ConfigError, EcditError
+from ecdit_cli.train.launch import free_port
 
 
 @dataclass
@@ -35,33 +36,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(cfg: RunConfig) -> str:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise EcditError("train.device=cuda but no CUDA device is visible (use train.device=cpu or auto)")
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return want
-
-
 def resolve_precision(cfg: RunConfig, device: str) -> str:
     if cfg.train.precision == "auto":
         return "bf16" if device == "cuda" else "fp32"
     return cfg.train.precision
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _quiet_deepspeed() -> None:
-    # DeepSpeed logs at INFO to stdout from every rank; our own logging says what matters.
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
 
 
 def setup_distributed(cfg: RunConfig) -> DistInfo:
@@ -78,7 +56,7 @@ def setup_distributed(cfg: RunConfig) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.train.device, "train.device")
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if cfg.train.threads:
@@ -88,26 +66,8 @@ def setup_distributed(cfg: RunConfig) -> DistInfo:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
-    import sys
-
-    from ecdit_cli.utils import prepare_deepspeed_import
-
-    prepare_deepspeed_import()
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (the module, not torch: see sys.modules below)
-
-    _quiet_deepspeed()
-    if device == "cpu" and os.environ.get("ECDIT_DS_SHM") != "1":
-        # DeepSpeed JIT-compiles a shared-memory all-reduce op for CPU on its first init
-        # (30-100 s with gcc on a 2-core machine); gloo is all these CPU runs need.
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device == "cuda" else "gloo"
-        if launched:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        else:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                       init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    deepspeed_compat.init_distributed("nccl" if device == "cuda" else "gloo",
+                                      None if launched else f"tcp://127.0.0.1:{free_port()}")
     return DistInfo(rank, local_rank, world, torch.device(device, local_rank) if device == "cuda" else torch.device("cpu"))
 
 
@@ -143,41 +103,26 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict[st
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """A torch optimizer over DeepSpeed's MoE parameter groups (experts apart from shared)."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "params"})
+    groups = deepspeed_compat.moe_param_groups([p for p in model.parameters() if p.requires_grad])
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, precision: str, world_size: int):
-    import deepspeed
-
     if cfg.moe.is_moe and world_size % cfg.moe.ep_size:
         raise ConfigError(
             f"moe.ep_size={cfg.moe.ep_size} is invalid: must divide the number of processes ({world_size})"
         )
-    import contextlib
-    import io
-
     optimizer = build_optimizer(cfg, model)
     try:
-        # DeepSpeed print()s its MoE group creation on every rank; progress output is ours.
-        with contextlib.redirect_stdout(io.StringIO()):
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, precision)
-            )
+        engine = deepspeed_compat.initialize(model, optimizer, deepspeed_config(cfg, world_size, precision))
     except AssertionError as err:
         # E.g. ZeRO-3 with native MoE layers ("MoE not supported with Stage 3").
         raise EcditError(f"DeepSpeed refused the configuration: {err}") from None
     if cfg.moe.is_moe:
-        from deepspeed.utils import groups
-
-        name = f"ep_size_{cfg.moe.ep_size}"
-        ep_rank = groups._get_expert_parallel_rank(name)
+        ep_rank = deepspeed_compat.expert_parallel_rank(cfg.moe.ep_size)
         expected = torch.distributed.get_rank() % cfg.moe.ep_size
         # Expert initialisation assumed DeepSpeed's layout: consecutive ranks form an EP group.
         assert ep_rank == expected, f"unexpected expert-parallel rank {ep_rank} (expected {expected})"

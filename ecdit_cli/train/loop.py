@@ -33,10 +33,10 @@ from ecdit_cli.accounting import count
 from ecdit_cli.config import RunConfig, load_run_config, save_config
 from ecdit_cli.diffusion import interpolate, sample_timesteps
 from ecdit_cli.errors import EcditError
-from ecdit_cli.model.moe import hash_seed
+from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
+from ecdit_cli.seeding import hash_seed
 from ecdit_cli.train.validation import activation_dtype, validate
 from ecdit_cli.train.weights import EMA, save_final_weights
-from ecdit_cli.utils import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
 
 
 class TrainingFailed(EcditError):
@@ -127,6 +127,7 @@ def routing_stats(routing: list) -> dict[str, float]:
 
 def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = None) -> dict[str, Any]:
     """Train one run into `run_dir` (resuming it if it holds checkpoints); returns the summary."""
+    from ecdit_cli.lock import RunLock
     from ecdit_cli.train import checkpoint
     from ecdit_cli.train.engine import (
         all_reduce,
@@ -138,7 +139,6 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
         set_lr,
         setup_distributed,
     )
-    from ecdit_cli.train.lock import RunLock
 
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)

@@ -9,7 +9,7 @@ import torch
 
 from ecdit_cli.config import RunConfig
 from ecdit_cli.diffusion import interpolate, validation_timesteps
-from ecdit_cli.model.moe import hash_seed
+from ecdit_cli.seeding import hash_seed
 
 
 def validate(engine, cfg: RunConfig, val_x: torch.Tensor, val_text, val_mask, micro: int,

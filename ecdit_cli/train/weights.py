@@ -14,7 +14,7 @@ import torch
 
 from ecdit_cli import rundir
 from ecdit_cli.config import RunConfig
-from ecdit_cli.utils import atomic_write_bytes
+from ecdit_cli.files import atomic_write_bytes
 
 
 class EMA:
@@ -37,9 +37,9 @@ def gather_experts(tensor: torch.Tensor, ep_size: int) -> torch.Tensor:
     """All-gather a rank-local expert stack (El, ...) over its expert-parallel group -> (E, ...)."""
     if ep_size == 1:
         return tensor
-    from deepspeed.utils import groups
+    from ecdit_cli import deepspeed_compat
 
-    group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+    group = deepspeed_compat.expert_parallel_group(ep_size)
     parts = [torch.empty_like(tensor) for _ in range(ep_size)]
     torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=0)

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from ecdit_cli.errors import EcditError
-from ecdit_cli.utils import io_error
+from ecdit_cli.files import io_error
 
 
 class RunLock:

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every writer: atomic replacement and whole-line appends.
+"""Files: atomic writes, JSON and JSONL, and one-line errors for failed file operations.
 
 A reader (or a process killed half-way) must never see a half-written `summary.json`,
 `config.yaml` or `manifest.csv`: everything is written to a temporary file in the same
@@ -60,18 +60,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def prepare_deepspeed_import() -> None:
-    """Tell DeepSpeed its accelerator before it is imported.
-
-    Left to guess on a machine without GPUs it logs a warning on every start, which would be
-    a second line next to every one-line error of the CLI.
-    """
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
@@ -95,6 +83,17 @@ def _finite(o: Any) -> Any:
 
 def to_json(obj: Any, indent: int | None = None) -> str:
     return json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    """A compressed .npz of the arrays, in memory (for an atomic write)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -152,12 +151,8 @@ def rewrite_jsonl(path: str | Path, keep: Any) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    kept, dropped = [], 0
-    for rec in read_jsonl(path, warnings=[]):
-        if keep(rec):
-            kept.append(to_json(rec))
-        else:
-            dropped += 1
+    kept = [to_json(rec) for rec in read_jsonl(path, warnings=[]) if keep(rec)]
+    # Corrupt lines are dropped too, so count against the lines on disk.
     total_lines = sum(1 for line in open(path, "rb") if line.strip())
     dropped = total_lines - len(kept)
     atomic_write_text(path, "".join(line + "\n" for line in kept))

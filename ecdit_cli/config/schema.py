@@ -1,28 +1,24 @@
-"""Typed run configuration: one dataclass per owner, validated on construction.
+"""The run config's schema: one typed dataclass per owner, validated on construction.
 
-A run is fully described by a `RunConfig` (model, moe, text, data, train). It is resolved from
-defaults -> preset -> config file -> `--set key=value` overrides, written into the run
-directory as `config.yaml`, and read back from there by every other command. The DeepSpeed
-config dict is derived from it in code (`train/engine.py`), never hand-edited.
-
-Every error names the offending key, the value and what is allowed.
+A run is fully described by a `RunConfig` (model, moe, text, data, train). `load.py` resolves
+it from defaults -> preset -> config file -> `--set key=value` overrides (`overrides.py`); it is
+written into the run directory as `config.yaml` and read back from there by every other
+command. The DeepSpeed config dict is derived from it in code (`train/engine.py`), never
+hand-edited. Every error names the offending key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from ecdit_cli import RUN_FORMAT_VERSION
-from ecdit_cli.errors import ConfigError, did_you_mean
+from ecdit_cli.errors import ConfigError
 
 Routing = Literal["dense", "token_choice", "expert_choice"]
 ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
@@ -88,7 +84,7 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    """Which FFN each block uses, and how MoE blocks route (PAPER.md, 'Expert-choice routing')."""
+    """Which FFN each block uses, and how MoE blocks route (docs/paper.md, 'Expert-choice routing')."""
 
     routing: Routing = "dense"
     num_experts: int = 8  # E, global across expert-parallel ranks
@@ -299,213 +295,9 @@ class RunConfig:
             _require(m.in_channels in (1, 3), "model.in_channels", m.in_channels, "fashion_mnist allows 1 or 3")
         if self.text.encoder == "minilm":
             _require(self.text.width == 384, "text.width", self.text.width, "must be 384 with text.encoder=minilm")
-        if self.train.precision == "bf16" and self.train.device == "cpu":
-            pass  # allowed (slow), kept for parity tests
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Building configs from plain dicts, with type checks and unknown-key suggestions.
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(
-                f"{key}={value!r} is invalid: allowed: {', '.join(map(str, allowed))}"
-                + (did_you_mean(str(value), map(str, allowed)) if isinstance(value, str) else "")
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
-        return value
-    return value
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(
-                f"unknown config key '{full}'"
-                + (did_you_mean(str(key), names) or f" (allowed: {', '.join(names)})")
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
-
-
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a nested dict (unknown keys are errors)."""
-    return _build(RunConfig, data, "")
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `base` with `update` merged in recursively (update wins)."""
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'moe.top_k=2' -> (['moe', 'top_k'], 2); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is invalid: expected KEY=VALUE, e.g. moe.top_k=2")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} is invalid: expected KEY=VALUE, e.g. moe.top_k=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
-    """['moe.top_k=2', 'train.lr=1e-3'] -> {'moe': {'top_k': 2}, 'train': {'lr': 0.001}}."""
-    out: dict[str, Any] = {}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r} conflicts with an earlier override of '{part}'")
-        node[path[-1]] = value
-    return out
-
-
-def _yaml_float(value: Any) -> Any:
-    # YAML 1.1 reads '1e-3' as a string; accept it as the number a user meant.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            return value
-    if isinstance(value, dict):
-        return {k: _yaml_float(v) for k, v in value.items()}
-    return value
-
-
-def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
-    """Read a YAML mapping with one-line errors for missing files and bad syntax."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{what} file not found: {p}")
-    if p.is_dir():
-        raise ConfigError(f"{what} path is a directory, expected a YAML file: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise ConfigError(f"{what} file {p} is not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} file {p} is not a text file") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file {p} must hold a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
-def resolve_config(
-    file: str | Path | None = None,
-    preset: str | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> RunConfig:
-    """defaults -> preset -> file (or `base`) -> overrides, validated.
-
-    A `preset:` key in the file (or `base`) selects a preset when `preset` is not given; the
-    preset fills in defaults and the file's own keys win over it.
-    """
-    from ecdit_cli.presets import preset_overrides
-
-    data: dict[str, Any] = copy.deepcopy(base) if base else {}
-    if file is not None:
-        data = deep_merge(data, load_yaml(file))
-    over = overrides_to_dict(overrides or [])
-    chosen = over.pop("preset", None) or preset or data.get("preset") or ""
-    if chosen and not isinstance(chosen, str):
-        raise ConfigError(f"preset={chosen!r} is invalid: expected a preset name")
-    merged: dict[str, Any] = {}
-    if chosen:
-        merged = preset_overrides(chosen)
-    merged = deep_merge(merged, data)
-    merged = deep_merge(merged, _yaml_float(over))
-    merged["preset"] = chosen
-    return config_from_dict(_yaml_float(merged))
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from ecdit_cli.utils import atomic_write_text
-
-    atomic_write_text(path, cfg.to_yaml())
-
-
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read a run directory's `config.yaml` (or a config file), checking the format version."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.yaml"
-        if not p.exists():
-            raise ConfigError(f"{p.parent} is not an ecdit run directory (no config.yaml)")
-    data = load_yaml(p)
-    version = data.get("format_version", RUN_FORMAT_VERSION)
-    if version != RUN_FORMAT_VERSION:
-        raise ConfigError(
-            f"{p} has run format version {version!r}; this ecdit reads version {RUN_FORMAT_VERSION} "
-            "(re-run with the ecdit version that wrote it)"
-        )
-    return config_from_dict(_yaml_float(data))

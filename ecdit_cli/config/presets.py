@@ -1,12 +1,12 @@
 """Named model sizes: the paper's family (Table 1 of EC-DiT) and a CPU family for real studies here.
 
 A preset is a function returning config overrides (nested dict); any routing and expert count
-can be combined with any preset. Paper presets follow PAPER.md's table (hidden, depth, heads,
-KV heads; head dim 64); the parts the paper does not state are our choices, documented here:
-latent input 32x32x4 with patch 2 (256x256 images through an 8x VAE, 256 tokens; data from a
-folder of precomputed latents, `data.source: folder`), a 768-wide
-text encoder (CLIP-L-like) with 77 tokens, DiT-style per-block adaLN-Zero. `m` is dense M
-(46 blocks); `m-moe` is the 38-block backbone of EC-DiT-M-64E (PAPER.md: "46 dense, 38 MoE").
+can be combined with any preset. Paper presets follow the paper's Table 1 (docs/paper.md):
+hidden, depth, heads, KV heads; head dim 64. The parts the paper does not state are our
+choices, documented here: latent input 32x32x4 with patch 2 (256x256 images through an 8x VAE,
+256 tokens; data from a folder of precomputed latents, `data.source: folder`), a 768-wide text
+encoder (CLIP-L-like) with 77 tokens, DiT-style per-block adaLN-Zero. `m` is dense M
+(46 blocks); `m-moe` is the 38-block backbone of EC-DiT-M-64E (Table 1: "46 dense, 38 MoE").
 
 The CPU family trains on 32x32 RGB scenes with patch 4 (64 tokens per image) on 2 cores;
 `debug` trains in seconds for tests.
@@ -54,16 +54,13 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "small": _cpu(hidden=96, depth=6, heads=4, kv_heads=2, text_width=64),
     "medium": _cpu(hidden=128, depth=8, heads=4, kv_heads=2, text_width=96),
     "large": _cpu(hidden=192, depth=8, heads=6, kv_heads=2, text_width=128),
-    # Paper family (PAPER.md, Table 1).
+    # Paper family (Table 1, docs/paper.md).
     "xl": _paper(1152, 28, 18, 6),
     "xxl": _paper(1536, 38, 24, 6),
     "3xl": _paper(2304, 42, 36, 6),
     "m": _paper(3072, 46, 48, 12, experts=64),
     "m-moe": _paper(3072, 38, 48, 12, experts=64),
 }
-
-CPU_PRESETS = ("debug", "tiny", "small", "medium", "large")
-PAPER_PRESETS = ("xl", "xxl", "3xl", "m", "m-moe")
 
 
 def preset_overrides(name: str) -> dict[str, Any]:

@@ -1,0 +1,26 @@
+"""Which torch device a name stands for: one resolver for configs, commands and benchmarks."""
+
+from __future__ import annotations
+
+from ecdit_cli.errors import EcditError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, what: str = "--device", allowed: tuple[str, ...] = DEVICES) -> str:
+    """'auto' -> 'cuda' when a CUDA device is visible, else 'cpu'; 'cpu' and 'cuda' as given.
+
+    `what` names the setting in errors (`--device`, `train.device`); asking for CUDA where
+    there is none is an error, never a silent fallback.
+    """
+    import torch
+
+    if name not in allowed:
+        raise EcditError(f"{what} {name!r} is invalid: allowed: {', '.join(allowed)}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch with CUDA {torch.version.cuda}"
+        hint = f"{what} cpu" if what.startswith("--") else f"{what}=cpu"
+        raise EcditError(f"{what}=cuda but no CUDA device is visible ({build} {torch.__version__}); use {hint}")
+    return name
