@@ -47,7 +47,6 @@ from typing import Any
 import yaml
 
 from ecdit_cli import rundir
-from ecdit_cli.accounting import count, dense_width_for_flops
 from ecdit_cli.config import (
     ROUTING_ABBREV,
     ROUTINGS,
@@ -61,6 +60,7 @@ from ecdit_cli.config import (
 )
 from ecdit_cli.errors import ConfigError, EcditError, did_you_mean
 from ecdit_cli.files import atomic_write_text
+from ecdit_cli.model.accounting import count, dense_width_for_flops
 
 # Named axes -> config keys. Dotted keys are accepted as axes directly.
 AXES: dict[str, str] = {

@@ -38,7 +38,7 @@ def tc_run(tmp_path_factory):
 def small_fd_network(tmp_path_factory):
     """FD-scenes trains its network on first use (about a minute): the tests train a small one,
     once per session, into a temporary cache instead of the user's."""
-    from ecdit_cli import fd
+    from ecdit_cli.evaluate import fd_scenes as fd
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ECDIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

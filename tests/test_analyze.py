@@ -8,7 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from ecdit_cli import rundir
-from ecdit_cli.analyze import (
+from ecdit_cli.config import resolve_config, save_config
+from ecdit_cli.data.scenes import SceneSpec, scene_for_metadata
+from ecdit_cli.errors import EcditError
+from ecdit_cli.evaluate.allocation import (
     OBJECT_SHARE_THRESHOLD,
     analyze_model,
     analyze_run,
@@ -17,10 +20,7 @@ from ecdit_cli.analyze import (
     object_coverage,
     patch_shares,
 )
-from ecdit_cli.analyze_figures import token_choice_figure
-from ecdit_cli.config import resolve_config, save_config
-from ecdit_cli.data.scenes import SceneSpec, scene_for_metadata
-from ecdit_cli.errors import EcditError
+from ecdit_cli.evaluate.allocation_figures import token_choice_figure
 from ecdit_cli.figures import save_figure
 from ecdit_cli.model.load import load_run
 
@@ -165,9 +165,9 @@ def cli():
 
 
 def test_analyze_command_prints_objects_vs_background_and_writes_the_files(cli, ec_run, tmp_path, monkeypatch):
-    import ecdit_cli.analyze
+    import ecdit_cli.evaluate.allocation
 
-    monkeypatch.setattr(ecdit_cli.analyze, "write_figures", lambda doc, result, out: {})  # tested above; slow
+    monkeypatch.setattr(ecdit_cli.evaluate.allocation, "write_figures", lambda doc, result, out: {})  # tested above; slow
     res = CliRunner().invoke(cli, ["analyze", str(ec_run), "-p", "a blue square", "-n", "1", "--steps", "3",
                                    "--scenes-per-tag", "1", "--device", "cpu", "-o", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ecdit_cli.data import detector, geneval, scenes
+from ecdit_cli.data import detector, scenes
 from ecdit_cli.data.detector import Detection, check, detect, evaluate
 from ecdit_cli.data.scenes import SceneSpec, render_batch
 from ecdit_cli.errors import EcditError
+from ecdit_cli.evaluate import geneval
 
 ACCEPT_TOLERANCE = 0.99  # share of true (image, metadata) pairs the detector must accept
 REJECT_TOLERANCE = 0.99  # share of deliberately wrong metadata it must reject

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from ecdit_cli import fd
-from ecdit_cli.data import geneval
 from ecdit_cli.errors import EcditError
+from ecdit_cli.evaluate import fd_scenes as fd
+from ecdit_cli.evaluate import geneval
 
 
 def test_frechet_distance_of_a_set_to_itself_is_zero_and_matches_the_closed_form_for_an_affine_map():

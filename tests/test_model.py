@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ecdit_cli.accounting import count, dense_width_for_flops
 from ecdit_cli.config import resolve_config
+from ecdit_cli.model.accounting import count, dense_width_for_flops
 from ecdit_cli.model.dit import DiT
 from ecdit_cli.model.t2i import TextToImage
 

@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from ecdit_cli.config import resolve_config
 from ecdit_cli.errors import EcditError
-from ecdit_cli.model.load import load_run
-from ecdit_cli.sample import (
+from ecdit_cli.evaluate.sample import (
     DEFAULT_CFG_SCALE,
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
@@ -18,6 +17,7 @@ from ecdit_cli.sample import (
     sample_images,
     save_samples,
 )
+from ecdit_cli.model.load import load_run
 
 PROMPTS = ["a red circle", "two squares", "a blue triangle above a green square"]
 

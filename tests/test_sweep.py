@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from ecdit_cli import rundir
-from ecdit_cli.accounting import count
 from ecdit_cli.config import load_run_config
 from ecdit_cli.errors import ConfigError
+from ecdit_cli.model.accounting import count
 from ecdit_cli.sweep import load_spec, make_sweep, parse_spec, write_study
 
 SPEC = {

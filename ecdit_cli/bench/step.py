@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 
-from ecdit_cli.accounting import count, dense_width_for_flops
 from ecdit_cli.bench.timing import (
     default_dtype,
     interleaved,
@@ -33,6 +32,7 @@ from ecdit_cli.bench.timing import (
 )
 from ecdit_cli.config import RunConfig, resolve_config
 from ecdit_cli.errors import EcditError
+from ecdit_cli.model.accounting import count, dense_width_for_flops
 
 MODELS = ("dense_flops", "token_choice", "expert_choice", "dense")
 MODEL_LABELS = {
@@ -79,7 +79,7 @@ class _Bench:
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype, ep_rank: int = 0,
                  rank: int = 0, world: int = 1) -> None:
         from ecdit_cli.data.scenes import vocabulary
-        from ecdit_cli.diffusion import interpolate
+        from ecdit_cli.model.rectified_flow import interpolate
         from ecdit_cli.model.t2i import TextToImage
         from ecdit_cli.train.engine import build_engine
 

@@ -62,7 +62,7 @@ def sample(
     import time
 
     from ecdit_cli.errors import EcditError
-    from ecdit_cli.sample import check_settings, num_batches, sample_run, save_samples
+    from ecdit_cli.evaluate.sample import check_settings, num_batches, sample_run, save_samples
 
     if not prompt:
         raise EcditError('give at least one --prompt, e.g. --prompt "a red circle left of a blue square"')
@@ -102,7 +102,7 @@ def eval_(
     from rich.table import Table
 
     from ecdit_cli import rundir
-    from ecdit_cli.evaluate import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_fd, format_scores
+    from ecdit_cli.evaluate.eval_run import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_fd, format_scores
     from ecdit_cli.files import to_json
 
     console = _console()
@@ -152,7 +152,7 @@ def analyze(
     """Where expert choice spends compute: heatmaps, distributions, objects vs background, specialisation."""
     from rich.table import Table
 
-    from ecdit_cli.analyze import analyze_run, summary_rows
+    from ecdit_cli.evaluate.allocation import analyze_run, summary_rows
 
     console = _console()
     with console.status("analysing routing") as status:

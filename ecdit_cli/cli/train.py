@@ -70,8 +70,8 @@ def _check_layout(cfg, nproc: int, hostfile: Optional[Path]) -> None:
 def _print_dry_run(cfg, run_dir: Path, nproc: int, hostfile: Optional[Path], launcher: str) -> None:
     from rich.syntax import Syntax
 
-    from ecdit_cli.accounting import count
     from ecdit_cli.cli.progress import console, start_lines
+    from ecdit_cli.model.accounting import count
     from ecdit_cli.train.engine import batch_layout, deepspeed_config
     from ecdit_cli.train.launch import launch_command
 

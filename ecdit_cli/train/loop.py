@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from ecdit_cli import __version__, rundir
-from ecdit_cli.accounting import count
 from ecdit_cli.config import RunConfig, load_run_config, save_config
-from ecdit_cli.diffusion import interpolate, sample_timesteps
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
+from ecdit_cli.model.accounting import count
+from ecdit_cli.model.rectified_flow import interpolate, sample_timesteps
 from ecdit_cli.seeding import hash_seed
 from ecdit_cli.train.validation import activation_dtype, validate
 from ecdit_cli.train.weights import EMA, save_final_weights

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ecdit_cli.config import RunConfig
-from ecdit_cli.diffusion import interpolate, validation_timesteps
+from ecdit_cli.model.rectified_flow import interpolate, validation_timesteps
 from ecdit_cli.seeding import hash_seed
 
 

@@ -10,7 +10,7 @@ import torch
 def run(out: str, ep: int, routing: str, zero: int) -> None:
     from ecdit_cli.config import resolve_config
     from ecdit_cli.data.scenes import vocabulary
-    from ecdit_cli.diffusion import interpolate
+    from ecdit_cli.model.rectified_flow import interpolate
     from ecdit_cli.model.t2i import TextToImage
     from ecdit_cli.train.engine import build_engine, setup_distributed
     from ecdit_cli.train.weights import gather_experts

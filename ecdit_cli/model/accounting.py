@@ -134,3 +134,51 @@ def dense_width_for_flops(cfg: RunConfig, target_flops: float) -> float:
     lo.moe.dense_width_mult, hi.moe.dense_width_mult = 1.0, 2.0
     f1, f2 = count(lo).flops_per_image, count(hi).flops_per_image
     return 1.0 + (target_flops - f1) / (f2 - f1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries: what `ecdit info` shows.
+
+# Published totals of Table 1 (docs/paper.md): (dense, MoE). MoE: 32 experts; M: 64 experts at depth 38.
+PAPER_TOTALS = {"xl": (1.47e9, 6.08e9), "xxl": (2.35e9, 13.47e9), "3xl": (4.50e9, 32.15e9), "m": (8.03e9, 97.21e9)}
+
+
+def vocab_size(cfg: RunConfig) -> int | None:
+    """Words of the learned text encoder when they are known before training: the scenes'
+    vocabulary plus <pad> and <unk>; None for other sources (their words come from the data)."""
+    if cfg.data.source != "scenes":
+        return None
+    from ecdit_cli.data.scenes import vocabulary
+    from ecdit_cli.model.text import WordTokenizer
+
+    return len(WordTokenizer(vocabulary(), cfg.text.max_len).vocab)
+
+
+def summary(cfg: RunConfig, acc: Accounting | None = None) -> dict:
+    """The shape and counts of a config (one row of `ecdit info`); `acc` if already counted."""
+    m, acc = cfg.model, acc or count(cfg, vocab_size(cfg))
+    return {
+        "preset": cfg.preset, "routing": cfg.moe.routing, "hidden_size": m.hidden_size, "depth": m.depth,
+        "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "tokens_per_image": acc.tokens_per_image,
+        "num_experts": cfg.moe.num_experts if cfg.moe.is_moe else 0, "num_moe_layers": acc.num_moe_layers,
+        "slots_per_token": acc.slots_per_token, "params_total": acc.params_total,
+        "params_active": acc.params_active, "params_text": acc.params_text, "flops_per_image": acc.flops_per_image,
+    }
+
+
+def paper_comparison() -> list[dict]:
+    """Our counts of the paper presets beside Table 1 (MoE: 32 experts; M: 64 experts at depth 38)."""
+    from ecdit_cli.config import resolve_config
+
+    rows = []
+    for name, (p_dense, p_moe) in PAPER_TOTALS.items():
+        dense = count(resolve_config(preset=name))
+        moe = count(resolve_config(preset="m-moe" if name == "m" else name, overrides=["moe.routing=expert_choice"]))
+        diff = moe.params_total - dense.params_total
+        rows.append({
+            "model": name.upper() + ("-64E" if name == "m" else "-32E"), "dense_total": dense.params_total,
+            "paper_dense": p_dense, "moe_total": moe.params_total, "paper_moe": p_moe,
+            "moe_minus_dense": diff, "paper_moe_minus_dense": p_moe - p_dense,
+            "diff_rel_error": diff / (p_moe - p_dense) - 1, "moe_active": moe.params_active,
+        })
+    return rows

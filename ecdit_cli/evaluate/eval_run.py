@@ -1,10 +1,10 @@
-"""GenEval on the built-in scenes: sample the fixed prompt set, score every image exactly.
+"""`ecdit eval`: GenEval on the built-in scenes for a trained run; sample, score, write eval.json.
 
-Mirrors GenEval (Ghosh et al. 2023, djghosh13/geneval; DATA.md): the fixed prompt set of
-`data.geneval.make_prompt_set` (six tags, drawn with a fixed seed so every run and every
-sampling seed sees the same prompts), `n` images per prompt (GenEval uses 4), each checked by the
-exact scene detector (`data/detector.py`); a tag's score is its share of correct images and
-`overall` the unweighted mean of the six tag scores (`data.geneval.score_images`).
+Mirrors GenEval (Ghosh et al. 2023, djghosh13/geneval; docs/data.md): the fixed prompt set of
+`geneval.make_prompt_set` (six tags, drawn with a fixed seed so every run and every sampling
+seed sees the same prompts), `n` images per prompt (GenEval uses 4), each checked by the exact
+scene detector (`data/detector.py`); a tag's score is its share of correct images and
+`overall` the unweighted mean of the six tag scores (`geneval.score_images`).
 
 Files (run directory):
 
@@ -14,7 +14,7 @@ Files (run directory):
     eval/examples.png    example images per tag with pass/fail borders and the detector's reason
     eval.json            the scores (keys below), written atomically and last
 
-With `fd=True` (the default) eval.json also holds FD-scenes (`fd.py`): the Fréchet distance of
+With `fd=True` (the default) eval.json also holds FD-scenes (`fd_scenes.py`): the Fréchet distance of
 the generated images to rendered scenes of the same prompts on a small scene network's
 features (`fd_scenes`, lower is better; not FID), and the floor of two rendered sets
 (`fd_scenes_floor`).
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from ecdit_cli import __version__, rundir
-from ecdit_cli import sample as sampling
-from ecdit_cli.data import geneval
 from ecdit_cli.data.scenes import TAGS
 from ecdit_cli.errors import EcditError
+from ecdit_cli.evaluate import geneval
+from ecdit_cli.evaluate import sample as sampling
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text, npz_bytes, to_json
 
@@ -162,7 +162,7 @@ def evaluate_run(
 def fd_scores(images: np.ndarray, records: Sequence[dict[str, Any]],
               on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """eval.json's FD-scenes keys for images (P, N, H, W, 3) of the prompt records."""
-    from ecdit_cli import fd
+    from ecdit_cli.evaluate import fd_scenes as fd
 
     trained = fd.load_scene_net(images.shape[2], on_progress)
     return {**fd.fd_scenes(trained.net, images, list(records)),

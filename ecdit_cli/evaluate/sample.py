@@ -1,8 +1,8 @@
 """Sampling a trained run: Euler integration of the rectified-flow ODE with classifier-free guidance.
 
 Images start as Gaussian noise at t = 1 and follow dx/dt = v(x, t) down to t = 0
-(`diffusion.euler_sample`). Guidance combines a conditional and an unconditional velocity,
-v = v_u + s (v_c - v_u) (`diffusion.cfg_combine`); the unconditional pass uses caption dropout's
+(`rectified_flow.euler_sample`). Guidance combines a conditional and an unconditional velocity,
+v = v_u + s (v_c - v_u) (`rectified_flow.cfg_combine`); the unconditional pass uses caption dropout's
 learned null caption (`drop=True`), exactly as training dropped captions. Both passes share one
 forward (the batch is [conditional; unconditional]); several images are sampled together.
 
@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecdit_cli.diffusion import cfg_combine, euler_sample, euler_timesteps
 from ecdit_cli.errors import EcditError
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, npz_bytes
+from ecdit_cli.model.rectified_flow import cfg_combine, euler_sample, euler_timesteps
 
 DEFAULT_CFG_SCALE = 4.0
 DEFAULT_STEPS = 30

@@ -1,4 +1,4 @@
-"""Rectified flow (PAPER.md, 'Training'): the interpolation, the loss and the sampler.
+"""Rectified flow (docs/paper.md, "Training"): the interpolation, the loss target and the sampler.
 
 x_t = (1 - t) x_0 + t * noise, t in [0, 1]; the network predicts the velocity
 v = noise - x_0 (so x_0 = x_t - t v) and is trained with MSE. Training draws t from a

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ecdit_cli import sample as sampling
+from ecdit_cli.evaluate import sample as sampling
 
 UNIT = "experts per token"
 

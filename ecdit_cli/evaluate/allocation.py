@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from ecdit_cli import __version__, rundir
-from ecdit_cli import sample as sampling
-from ecdit_cli.analyze_figures import UNIT, write_figures
 from ecdit_cli.errors import EcditError
+from ecdit_cli.evaluate import sample as sampling
+from ecdit_cli.evaluate.allocation_figures import UNIT, write_figures
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, npz_bytes
 
 ANALYZE_DIR = "analyze"
@@ -82,7 +82,7 @@ def check_moe_run(cfg) -> None:
 
 def default_prompts(cfg) -> list[str]:
     """One evaluation prompt per tag of DEFAULT_PROMPT_TAGS (scenes runs only)."""
-    from ecdit_cli.data import geneval
+    from ecdit_cli.evaluate import geneval
 
     if cfg.data.source != "scenes":
         raise EcditError(f"this run was trained on data.source={cfg.data.source}: give prompts with --prompt")
@@ -124,7 +124,7 @@ def expert_membership(r, num_tokens: int) -> torch.Tensor:
 def ground_truth_records(scenes_per_tag: int, seed: int) -> list[dict[str, Any]]:
     """The evaluation prompts whose scenes are routed: `scenes_per_tag` per tag, shuffled once so
     pooled routing groups mix tags (a group of one tag would hide differences between tags)."""
-    from ecdit_cli.data import geneval
+    from ecdit_cli.evaluate import geneval
 
     records = geneval.make_prompt_set(0, scenes_per_tag)
     order = np.random.default_rng([_GT_NOISE_SALT, seed]).permutation(len(records))

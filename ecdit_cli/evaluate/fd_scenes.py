@@ -1,7 +1,7 @@
 """FD-scenes: a Fréchet distance on the features of a small network trained on the built-in scenes.
 
 Not FID. FID needs Inception weights, which cannot be downloaded here and would measure the
-wrong thing on 32x32 shape scenes anyway (DATA.md). Instead a small CNN (`SceneNet`) learns,
+wrong thing on 32x32 shape scenes anyway (docs/data.md). Instead a small CNN (`SceneNet`) learns,
 from rendered scenes alone, a dense 8x8 map of what a scene holds: which palette colours cover
 each cell, and in the cell holding an object's centre, that object's shape and colour (dense
 targets: a global "which objects are present" target left the network at its prior within
