@@ -43,6 +43,7 @@ lint: install
 bench: install
 	$(VENV)/bin/ecdit bench moe --markdown results/bench/moe.md
 	$(VENV)/bin/ecdit bench step --ep 2 --markdown results/bench/step.md
+	$(VENV)/bin/ecdit bench data --markdown results/bench/data.md
 
 bench-gpu: install
 	$(VENV)/bin/ecdit bench moe --device cuda --markdown results/bench/moe-gpu.md

@@ -38,3 +38,17 @@ def sig(value: Any, digits: int = 4) -> str:
     if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
         return f"{value:.{digits - 1}e}"
     return f"{value:.{digits}g}"
+
+
+def aligned_count(value: float) -> str:
+    """Counts with fixed decimals per range (0.726B, 2.76M, 512) so a column of them lines up."""
+    return si(value, count=True, decimals=3 if abs(value) >= 1e9 else 2 if abs(value) >= 1e3 else 0)
+
+
+def plain(value: Any) -> str:
+    """A config value as a label: 4.0 -> '4', 0.5 -> '0.5', missing (None, NaN, '') -> '-'."""
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

@@ -69,15 +69,30 @@ def run_dirs(study: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = {p.name: p for p in root.iterdir() if is_run_dir(p)}
-    manifest = study / MANIFEST
-    if manifest.is_file():
-        import csv
-
-        with open(manifest, newline="") as f:
-            order = [row["run_id"] for row in csv.DictReader(f) if row.get("run_id")]
-        ordered = [found.pop(r) for r in order if r in found]
+    if is_study_dir(study):
+        rows, _ = read_manifest(study)
+        ordered = [found.pop(r["run_id"]) for r in rows if r["run_id"] in found]
         return ordered + [found[k] for k in sorted(found)]
     return [found[k] for k in sorted(found)]
+
+
+def read_manifest(study: str | Path) -> tuple[list[dict[str, str]], list[str]]:
+    """The study's manifest.csv: its rows (one per point, with a run_id) and its header."""
+    import csv
+
+    path = Path(study) / MANIFEST
+    if not path.is_file():
+        raise EcditError(f"{study} is not a study directory (no {MANIFEST}); create one with `ecdit sweep SPEC -o DIR`")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if r.get("run_id")]
+            header = list(reader.fieldnames or [])
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise EcditError(f"cannot read {path}: {err}") from None
+    if "run_id" not in header:
+        raise EcditError(f"{path} has no run_id column (columns: {', '.join(header) or 'none'})")
+    return rows, header
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
@@ -118,3 +133,31 @@ def require_dir(path: str | Path, what: str = "directory") -> Path:
     if not p.is_dir():
         raise EcditError(f"{what} is not a directory: {p}")
     return p
+
+
+def status_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Where each point of a study (or one run directory) stands: what `ecdit status` shows."""
+    path = Path(path)
+    require_dir(path, "study directory")
+    if is_run_dir(path):
+        dirs = [path]
+    elif is_study_dir(path):
+        dirs = [path / RUNS / r["run_id"] for r in read_manifest(path)[0]]
+    else:
+        raise EcditError(f"{path} is neither a study directory (no {MANIFEST}) nor a run directory")
+    rows = []
+    for d in dirs:
+        status = run_status(d) if is_run_dir(d) else "missing"
+        summary = None
+        if status not in ("pending", "missing"):
+            try:
+                summary = read_summary(d)
+            except EcditError:
+                summary = None
+        summary = summary or {}
+        rows.append({
+            "run_id": d.name, "status": status, "step": summary.get("step", 0), "steps": summary.get("steps"),
+            "final_val_loss": summary.get("final_val_loss"), "wall_time_s": summary.get("wall_time_s"),
+            "error": summary.get("error") if status in ("failed", "interrupted") else None,
+        })
+    return rows

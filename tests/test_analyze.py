@@ -22,6 +22,7 @@ from ecdit_cli.evaluate.allocation import (
 )
 from ecdit_cli.evaluate.allocation_figures import token_choice_figure
 from ecdit_cli.figures import save_figure
+from ecdit_cli.model.accounting import count
 from ecdit_cli.model.load import load_run
 
 SETTINGS = {"prompts": ["a red circle", "two squares"], "n": 2, "steps": 4, "scenes_per_tag": 2}
@@ -138,6 +139,7 @@ def test_token_choice_run_reports_expert_load_and_dropped_share_per_step(tc_run,
     model, cfg = load_run(tc_run)
     doc, result, _ = analyze_model(model, cfg, **SETTINGS)
     tc = doc["token_choice"]
+    assert doc["slots_per_token"] == count(cfg).slots_per_token == 2.0  # one definition, model/accounting.py
     routes = 2 * 2 * 64 * 2  # prompts x images x tokens x top_k
     assert tc["routes_per_step"] == routes and len(tc["t"]) == SETTINGS["steps"]
     for layer in tc["layers"]:
@@ -184,3 +186,19 @@ def test_analyze_command_on_a_dense_run_exits_2_with_one_line(cli, tmp_path, cap
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no routing to analyse" in err
+
+
+@pytest.mark.parametrize("routing,f,k,slots", [
+    ("token_choice", 2.0, 2, 2.0),  # top-2 routes fit the buffers
+    ("token_choice", 1.0, 2, 1.0),  # buffers for 1 slot per token cap top-2 at 1 (the rest is dropped)
+    ("token_choice", 4.0, 1, 1.0),  # top-1: spare buffer slots do not add experts
+    ("expert_choice", 1.0, 2, 1.0),  # EC: E * C / G, top_k plays no part
+    ("expert_choice", 4.0, 2, 4.0),
+])
+def test_slots_per_token_is_top_k_capped_by_the_buffers_for_token_choice_and_e_c_over_g_for_expert_choice(
+        routing, f, k, slots):
+    from ecdit_cli.config import resolve_config
+
+    cfg = resolve_config(preset="debug", overrides=[f"moe.routing={routing}", f"moe.capacity_factor={f}",
+                                                    f"moe.top_k={k}"])
+    assert count(cfg).slots_per_token == slots

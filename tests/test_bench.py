@@ -4,6 +4,7 @@ These are not timed tests: no assertion is made on speed.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -168,3 +169,21 @@ def test_bench_step_reports_model_flop_utilisation_on_a_gpu(runner):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["machine"]["gpu"] and all(0 < r["train_mfu"] < 1 for r in out["rows"])
+
+
+def test_bench_data_times_every_piece_of_the_data_path_and_reports_its_machine(runner):
+    result = runner.invoke(cli.app, ["bench", "data", "--batch", "4", "--reps", "2", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert [r["name"] for r in res["rows"]] == ["render", "source batch", "detector (scenes)", "detector (noise)"]
+    for r in res["rows"]:
+        assert r["batch_ms"] > 0 and math.isclose(r["per_image_ms"], r["batch_ms"] / 4)
+        assert math.isclose(r["images_per_s"], 1e3 / r["per_image_ms"])
+    assert res["machine"]["cores"] >= 1 and res["settings"] == {"batch": 4, "image_size": 32, "reps": 2}
+
+
+def test_bench_data_refuses_an_out_of_range_image_size_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "data", "--image-size", "8"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "16..64" in err and len(err.strip().splitlines()) == 1

@@ -8,10 +8,10 @@ from fixtures_study import STEPS, VAL_T, make_study
 from typer.testing import CliRunner
 
 from ecdit_cli import cli
-from ecdit_cli.collect import CURVE_COLUMNS, collect, needs_collect, read_collected
 from ecdit_cli.errors import EcditError
-from ecdit_cli.fit import fit_power_law
 from ecdit_cli.lock import RunLock
+from ecdit_cli.study.collect import CURVE_COLUMNS, collect, needs_collect, read_collected
+from ecdit_cli.study.fit import fit_power_law
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import pytest
 from typer.testing import CliRunner
 
 from ecdit_cli import rundir
-from ecdit_cli.collect import _read_eval
 from ecdit_cli.config import resolve_config, save_config
 from ecdit_cli.data import detector
 from ecdit_cli.data.scenes import TAGS, SceneSpec, scene_for_metadata
@@ -15,6 +14,7 @@ from ecdit_cli.errors import EcditError
 from ecdit_cli.evaluate import geneval
 from ecdit_cli.evaluate import sample as sampling
 from ecdit_cli.evaluate.eval_run import evaluate_run
+from ecdit_cli.study.collect import _read_eval
 
 PER_TAG = 2
 SCHEMA = {"overall", "tasks", "prompts_with_any_correct", "heldout", "num_images", "settings", "ecdit_version"}

@@ -9,11 +9,12 @@ from matplotlib.colors import to_hex
 from typer.testing import CliRunner
 
 from ecdit_cli import cli
-from ecdit_cli.collect import collect
-from ecdit_cli.fit import fit_power_law
 from ecdit_cli.numbers import sig as fmt_num
-from ecdit_cli.plot import FIGURES, ROUTING_COLORS, loss_curves, scaling
-from ecdit_cli.report import write_report
+from ecdit_cli.study.collect import collect
+from ecdit_cli.study.figure_style import ROUTING_COLORS
+from ecdit_cli.study.figures import FIGURES, loss_curves, scaling
+from ecdit_cli.study.fit import fit_power_law
+from ecdit_cli.study.report import write_report
 
 N_BOOT, SEED = 40, 1
 
@@ -121,8 +122,8 @@ def test_the_report_fits_chinchilla_on_validation_curves_and_recovers_a_known_la
     import numpy as np
     import pandas as pd
 
-    from ecdit_cli.analysis import analyse
-    from ecdit_cli.collect import CollectResult
+    from ecdit_cli.study.collect import CollectResult
+    from ecdit_cli.study.findings import analyse
 
     E, A, alpha, B, beta = 0.2, 30.0, 0.35, 10.0, 0.3
     rng = np.random.default_rng(0)

@@ -1,5 +1,6 @@
 """`ecdit sample`: shapes and ranges, determinism, batch independence, guidance, prompt errors, files."""
 
+import inspect
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from ecdit_cli.evaluate.sample import (
     DEFAULT_STEPS,
     initial_noise,
     sample_images,
+    sample_run,
     save_samples,
 )
 from ecdit_cli.model.load import load_run
@@ -128,8 +130,17 @@ def test_save_samples_writes_a_png_grid_and_the_raw_images_beside_it(ec, tmp_pat
         save_samples(result, tmp_path / "grid.jpg")
 
 
-def test_default_settings_are_documented_values():
-    assert (DEFAULT_CFG_SCALE, DEFAULT_STEPS, DEFAULT_SHIFT) == (4.0, 30, 1.0)
+@pytest.mark.parametrize("command", ["sample", "eval", "analyze"])
+def test_every_sampling_command_defaults_to_the_librarys_sampler_settings(command):
+    # The commands show these defaults in --help; they must be the ones the library uses.
+    import typer.main
+
+    from ecdit_cli.cli import _register, app
+
+    _register()
+    params = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
+    assert (params["cfg"], params["steps"], params["shift"]) == (DEFAULT_CFG_SCALE, DEFAULT_STEPS, DEFAULT_SHIFT)
+    assert inspect.signature(sample_run).parameters["cfg_scale"].default == DEFAULT_CFG_SCALE
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from ecdit_cli import rundir
 from ecdit_cli.config import load_run_config
 from ecdit_cli.errors import ConfigError
 from ecdit_cli.model.accounting import count
-from ecdit_cli.sweep import load_spec, make_sweep, parse_spec, write_study
+from ecdit_cli.study.spec import load_spec, make_sweep, parse_spec, write_study
 
 SPEC = {
     "name": "t",
@@ -224,5 +224,5 @@ def test_a_cluster_launch_script_has_one_deepspeed_command_per_point(tmp_path, c
     code, out, err = _main(["sweep", str(spec_file), "-o", str(tmp_path / "st"), "--hostfile", str(hostfile),
                             "--nproc", "8"], capsys)
     script = (tmp_path / "st" / rundir.LAUNCH_SCRIPT).read_text()
-    assert "--module ecdit_cli.cli.worker runs/debug-ec-e8-f2-s0" in script
+    assert "--module ecdit_cli _worker runs/debug-ec-e8-f2-s0" in script
     assert 'cd "$(dirname "$0")"' in script

@@ -174,3 +174,18 @@ def test_the_frozen_minilm_text_encoder_trains_when_its_optional_files_are_insta
     assert model.text_encoder is None  # frozen weights stay outside the checkpoint
     states, mask = model.tokenize(["a red circle left of a blue square"])
     assert states.shape[-1] == 384 and mask.sum() > 0
+
+
+def test_dry_run_reports_what_a_run_would_log_at_its_start(tmp_path):
+    # The plan and a real run's start record are one computation: precision 'auto' is resolved
+    # for the device the run would use (fp32 on the CPU, bf16 on a GPU), not echoed.
+    from ecdit_cli.train.driver import plan
+
+    cfg = tiny("expert_choice", 2)
+    planned = plan(cfg, tmp_path / "run")
+    started = {}
+    train(cfg, tmp_path / "run", Callbacks(on_start=started.update))
+    skip = {"run_dir", "run_id", "start_step"}
+    assert {k: v for k, v in planned["info"].items() if k not in skip} == {
+        k: started[k] for k in planned["info"] if k not in skip}
+    assert planned["info"]["precision"] == ("bf16" if torch.cuda.is_available() else "fp32")

@@ -112,3 +112,14 @@ def ep_markdown(ep: dict[str, Any]) -> str:
           f"{r['step_ratio']:.3f}", f"{r['a2a_ms']:.1f}", f"{100 * r['a2a_share']:.1f}%"] for r in ep["rows"]]))
     out.append("")
     return "\n".join(out)
+
+
+def data_markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    rows = [[r["name"], _f(r["batch_ms"], ".2f"), _f(r["iqr_ms"], ".2f"), _f(r["per_image_ms"], ".3f"),
+             _f(r["images_per_s"], ".0f")] for r in res["rows"]]
+    return "\n\n".join([
+        f"### Data path: batches of {s['batch']} images of {s['image_size']} px ({s['reps']} interleaved reps, medians)",
+        machine_line(res["machine"], res.get("load_avg_end")),
+        _table(["piece", "ms / batch", "IQR ms", "ms / image", "images/s"], rows),
+    ])

@@ -37,8 +37,8 @@ def collect(study: StudyDir) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ecdit_cli.collect import CURVES_CSV, RUNS_CSV
-    from ecdit_cli.collect import collect as collect_study
+    from ecdit_cli.study.collect import CURVES_CSV, RUNS_CSV
+    from ecdit_cli.study.collect import collect as collect_study
 
     result = collect_study(study)
     table = Table(title=f"runs in {result.study_dir}")
@@ -75,16 +75,17 @@ def fit(
     seed: Seed = 0,
 ) -> None:
     """Fit the saturating power law L = E + A X^-alpha, with 95% bootstrap CIs, per group."""
-    from ecdit_cli.analysis import fit_csv
     from ecdit_cli.errors import EcditError
     from ecdit_cli.files import to_json
+    from ecdit_cli.study.findings import fit_csv
+    from ecdit_cli.study.fit import python_value
 
     results, notes = fit_csv(table, x, y, group, n_boot=n_boot, seed=seed, all_rows=all_rows)
     _print_warnings(notes)
     if all(isinstance(f, str) for _, f in results):
         raise EcditError("no group could be fitted: " + "; ".join(f"{k}: {f}" for k, f in results))
     if as_json:
-        rows = [{"group": _plain(k), "error": f} if isinstance(f, str) else f.to_dict() for k, f in results]
+        rows = [{"group": python_value(k), "error": f} if isinstance(f, str) else f.to_dict() for k, f in results]
         typer.echo(
             to_json(
                 {"x": x, "y": y, "group_by": group, "n_boot": n_boot, "seed": seed, "fits": rows}, indent=2
@@ -92,10 +93,6 @@ def fit(
         )
         return
     _fit_table(results, x, y, group)
-
-
-def _plain(v):
-    return v.item() if hasattr(v, "item") else v
 
 
 def _fit_table(results, x: str, y: str, group: str | None) -> None:
@@ -139,8 +136,8 @@ def plot(
     """
     from rich.markup import escape
 
-    from ecdit_cli.collect import needs_collect
-    from ecdit_cli.report import write_report
+    from ecdit_cli.study.collect import needs_collect
+    from ecdit_cli.study.report import write_report
 
     recollected = not no_collect and needs_collect(study)
     files = write_report(study, recollect=False if no_collect else None, n_boot=n_boot, seed=seed)

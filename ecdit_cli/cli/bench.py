@@ -1,4 +1,4 @@
-"""`ecdit bench moe` and `ecdit bench step`: the benchmarks of BENCHMARKS.md."""
+"""`ecdit bench moe`, `ecdit bench step` and `ecdit bench data`: the benchmarks of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -130,3 +130,26 @@ def step(
             result["ep"] = bench_ep(preset, list(set_ or []), batch=batch, reps=reps, warmup=warmup, ep=ep,
                                     on_progress=progress)
     _emit(result, step_markdown(result), as_json, markdown)
+
+
+@app.command("data")
+def data(
+    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 32,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels (16..64).")] = 32,
+    reps: RepsOpt = 10,
+    warmup: WarmupOpt = 1,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+    markdown: MarkdownOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Time the built-in data path: scene rendering, a training batch, the exact detector."""
+    from ecdit_cli.bench import bench_data, data_markdown
+    from ecdit_cli.bench.timing import set_threads
+    from ecdit_cli.errors import EcditError
+
+    if batch < 1 or reps < 1:
+        raise EcditError(f"--batch {batch} / --reps {reps} is invalid: both must be >= 1")
+    set_threads(threads)
+    result = bench_data(batch=batch, image_size=image_size, reps=reps, warmup=warmup, on_progress=_progress(quiet))
+    _emit(result, data_markdown(result), as_json, markdown)

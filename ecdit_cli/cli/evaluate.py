@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS
+
 RunDir = Annotated[Path, typer.Argument(help="Run directory of a finished run (holds final/model.pt).")]
 CfgScale = Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")]
 Steps = Annotated[int, typer.Option("--steps", help="Euler steps from t=1 to t=0.")]
@@ -50,10 +52,10 @@ def sample(
     run_dir: RunDir,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption (repeatable): one grid row each.")] = None,
     n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
-    cfg: CfgScale = 4.0,
-    steps: Steps = 30,
+    cfg: CfgScale = DEFAULT_CFG_SCALE,
+    steps: Steps = DEFAULT_STEPS,
     seed: Seed = 0,
-    shift: Shift = 1.0,
+    shift: Shift = DEFAULT_SHIFT,
     no_ema: NoEma = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz (default: RUN_DIR/samples/seed<SEED>.png).")] = None,
     device: Device = "auto",
@@ -88,10 +90,10 @@ def sample(
 def eval_(
     run_dir: RunDir,
     n: Annotated[int, typer.Option("-n", help="Images per prompt (GenEval: 4).")] = 4,
-    cfg: CfgScale = 4.0,
-    steps: Steps = 30,
+    cfg: CfgScale = DEFAULT_CFG_SCALE,
+    steps: Steps = DEFAULT_STEPS,
     seed: Seed = 0,
-    shift: Shift = 1.0,
+    shift: Shift = DEFAULT_SHIFT,
     per_tag: Annotated[Optional[int], typer.Option("--per-tag", help="Prompts per task tag (default: 32, i.e. 192 prompts).")] = None,
     no_ema: NoEma = False,
     device: Device = "auto",
@@ -140,10 +142,10 @@ def analyze(
     run_dir: RunDir,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption to sample, repeatable (default: three evaluation prompts).")] = None,
     n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
-    steps: Steps = 30,
-    cfg: CfgScale = 4.0,
+    steps: Steps = DEFAULT_STEPS,
+    cfg: CfgScale = DEFAULT_CFG_SCALE,
     seed: Seed = 0,
-    shift: Shift = 1.0,
+    shift: Shift = DEFAULT_SHIFT,
     scenes_per_tag: Annotated[int, typer.Option("--scenes-per-tag", help="Rendered scenes per task tag for the ground-truth analysis.")] = 8,
     no_ema: NoEma = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default: RUN_DIR/analyze).")] = None,

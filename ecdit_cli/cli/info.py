@@ -7,12 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-
-def _num(x: float) -> str:
-    """Counts with fixed decimals (0.726B, 2.76M) so a column of them lines up."""
-    from ecdit_cli.numbers import si
-
-    return si(x, count=True, decimals=3 if abs(x) >= 1e9 else 2 if abs(x) >= 1e3 else 0)
+from ecdit_cli.numbers import aligned_count as _num
 
 
 def _console():

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 from ecdit_cli.numbers import si
-from ecdit_cli.train.loop import Callbacks
+from ecdit_cli.train.records import Callbacks
 
 # soft_wrap: long lines (paths, messages) stay whole in logs instead of wrapping at 80 columns.
 console = Console(highlight=False, soft_wrap=True)

@@ -22,7 +22,7 @@ def sweep(
 
     from ecdit_cli.errors import EcditError
     from ecdit_cli.numbers import si
-    from ecdit_cli.sweep import axis_names, launch_script, load_spec, make_sweep, write_study
+    from ecdit_cli.study.spec import axis_names, launch_script, load_spec, make_sweep, write_study
 
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -80,30 +80,8 @@ def status(
     from rich.table import Table
 
     from ecdit_cli import rundir
-    from ecdit_cli.errors import EcditError
 
-    rundir.require_dir(study, "study directory")
-    if rundir.is_run_dir(study):
-        dirs = [study]
-    elif rundir.is_study_dir(study):
-        dirs = [study / rundir.RUNS / r["run_id"] for r in _manifest(study)]
-    else:
-        raise EcditError(f"{study} is neither a study directory (no manifest.csv) nor a run directory")
-    rows = []
-    for d in dirs:
-        st = rundir.run_status(d) if rundir.is_run_dir(d) else "missing"
-        summary = None
-        if st not in ("pending", "missing"):
-            try:
-                summary = rundir.read_summary(d)
-            except EcditError:
-                summary = None
-        summary = summary or {}
-        rows.append({
-            "run_id": d.name, "status": st, "step": summary.get("step", 0), "steps": summary.get("steps"),
-            "final_val_loss": summary.get("final_val_loss"), "wall_time_s": summary.get("wall_time_s"),
-            "error": summary.get("error") if st in ("failed", "interrupted") else None,
-        })
+    rows = rundir.status_rows(study)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -124,9 +102,3 @@ def status(
     console.print(table)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "running", "interrupted", "failed", "pending")}
     console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
-
-
-def _manifest(study: Path) -> list[dict]:
-    from ecdit_cli.sweep import read_manifest
-
-    return read_manifest(study)

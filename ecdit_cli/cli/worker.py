@@ -1,4 +1,4 @@
-"""One training process of a launched run: `python -m ecdit_cli.cli.worker RUN_DIR [--quiet]`.
+"""One training process of a launched run: `python -m ecdit_cli _worker RUN_DIR [--quiet]`.
 
 Started by the DeepSpeed launcher or torchrun (which set RANK / WORLD_SIZE / LOCAL_RANK); reads
 the run's config.yaml. Rank 0 shows progress and writes the run directory's files.

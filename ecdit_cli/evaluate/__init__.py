@@ -4,6 +4,6 @@
 - `geneval`: GenEval's prompt set and scoring rules on the built-in scenes (no model involved);
 - `eval_run`: `ecdit eval`, sampling a run's images for the prompt set and writing eval.json;
 - `fd_scenes`: a Fréchet distance on a small scene network's features (not FID);
-- `allocation`, `allocation_scenes`, `allocation_figures`: `ecdit analyze`, the compute-allocation
+- `allocation`, `allocation_figures`: `ecdit analyze`, the compute-allocation
   analysis of expert choice (EC-DiT Sec. 5) and its figures.
 """

@@ -393,10 +393,9 @@ def analyze_model(
     m, moe = cfg.model, cfg.moe
     T = m.tokens_per_image
     group = moe.group_size or T
-    from ecdit_cli.model.routing import expert_capacity
+    from ecdit_cli.model.accounting import expert_slots_per_token
 
-    slots = (expert_capacity(group, moe.capacity_factor, moe.num_experts) * moe.num_experts / group
-             if moe.routing == "expert_choice" else moe.top_k)
+    slots = expert_slots_per_token(cfg)
     stage("sampling with routing recorded")
     result = sampling.sample_images(model, cfg, prompts, n, cfg_scale, steps, seed, shift, record_routing=True,
                                     batch_size=batch_size)
@@ -405,7 +404,7 @@ def analyze_model(
         "capacity_factor": moe.capacity_factor, "top_k": moe.top_k if moe.routing == "token_choice" else None,
         "group_size_tokens": group, "tokens_per_image": T, "grid": m.input_size // m.patch_size,
         "patch_size": m.patch_size, "moe_blocks": result.routing.blocks,
-        "slots_per_token": slots,  # EC: E * C / group tokens = mean experts per token; TC: top_k (upper bound)
+        "slots_per_token": slots,  # EC: E * C / G = mean experts per token; TC: min(top_k, E * C / G), an upper bound
         "unit": UNIT,
         "settings": {"prompts": prompts, "n": n, "steps": steps, "cfg": cfg_scale, "seed": seed, "shift": shift,
                      "scenes_per_tag": scenes_per_tag if scenes else None, "gt_t": list(GT_T_VALUES),

@@ -36,14 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS
 from ecdit_cli.errors import EcditError
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, npz_bytes
 from ecdit_cli.model.rectified_flow import cfg_combine, euler_sample, euler_timesteps
 
-DEFAULT_CFG_SCALE = 4.0
-DEFAULT_STEPS = 30
-DEFAULT_SHIFT = 1.0
 DEFAULT_BATCH_SIZE = 64  # images integrated together (each costs two rows with guidance)
 _NOISE_SALT = 0x5A3B1E  # keeps the sampling noise apart from every other default_rng([seed, ...]) stream
 

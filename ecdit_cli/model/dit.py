@@ -3,7 +3,7 @@
 Trunk names follow facebookresearch/DiT (x_embedder, t_embedder, adaLN_modulation,
 final_layer). A block is self-attention (grouped-query) -> cross-attention to the text tokens
 (padding-masked) -> FFN; the timestep enters through adaLN-Zero modulation of the
-self-attention and FFN branches; text enters only through cross-attention (PAPER.md). The FFN
+self-attention and FFN branches; text enters only through cross-attention (docs/paper.md). The FFN
 of block i is dense, or an MoE layer (token or expert choice) when `moe.is_moe_block(i)`.
 
 `initialize_weights` holds all initialisation: with adaLN-Zero gates and the cross-attention

@@ -3,9 +3,10 @@
 `MoEFeedForward` *is a* `deepspeed.moe.layer.MoE`, so `deepspeed.initialize` finds it, creates
 its expert-parallel process groups and puts its expert parameters into MoE optimizer groups
 (ZeRO-1/2). Inside it, DeepSpeed's `MOELayer` holds our `Router` as its gate (the 0.19.4+
-sparse-route contract, see DEEPSPEED.md) and our `GroupedExperts` (stacked expert weights run by
+sparse-route contract, see docs/deepspeed.md) and our `GroupedExperts` (stacked expert weights run by
 batched matmuls) as its experts. With `ep_size == 1` the layer skips MOELayer and runs the same
-parameters through a local gather / bmm / index_add path (`dispatch_combine`); tests prove both
+parameters through a local path (`dispatch_combine`: a gather, batched matmuls, and a segment
+sum that is one CSR sparse matmul on the CPU and `index_add_` elsewhere); tests prove both
 paths give the same outputs and gradients.
 
 Shape legend: B images, T tokens per image, S = B*T tokens, D width, F expert hidden width,
@@ -146,7 +147,7 @@ class Router(nn.Module):
         self.ep_group = ep_group
 
     def logits(self, x_SD: Tensor) -> Tensor:
-        # Router math in fp32 whatever the activation dtype (PAPER.md: softmax in fp32).
+        # Router math in fp32 whatever the activation dtype (docs/paper.md: softmax in fp32).
         logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
         if self.force_balanced:
             # Throughput-only debug switch: random logits spread tokens evenly (no learning signal).

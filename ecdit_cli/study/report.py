@@ -3,7 +3,7 @@
 `analyse(data)` computes every number (per-series saturating power laws of the final
 validation loss in activated parameters and in training FLOPs, the held-out check, the
 effective-parameter multiplier and the convergence speed-up of each MoE run) with
-`ecdit_cli.fit`; `write_report(dir)` saves the figures and writes `report.md` and a
+`ecdit_cli.study.fit`; `write_report(dir)` saves the figures and writes `report.md` and a
 self-contained `report.html` (PNG figures inlined as base64, no external resources).
 Where a fit is impossible (fewer than 3 sizes done, ...) the report says why instead of failing,
 so it works on a study in progress.
@@ -21,13 +21,14 @@ from typing import Any
 import pandas as pd
 
 from ecdit_cli import __version__
-from ecdit_cli import collect as collect_mod
-from ecdit_cli.analysis import FIT_X, Analysis, ChinchillaResult, analyse
-from ecdit_cli.collect import CollectResult, series_labels, size_labels
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import atomic_write_text
-from ecdit_cli.fit import HoldoutResult, PowerLawFit
 from ecdit_cli.numbers import sig
+from ecdit_cli.study import collect as collect_mod
+from ecdit_cli.study.collect import CollectResult
+from ecdit_cli.study.findings import FIT_X, Analysis, ChinchillaResult, analyse
+from ecdit_cli.study.fit import HoldoutResult, PowerLawFit
+from ecdit_cli.study.labels import series_labels, size_labels
 
 
 @dataclass
@@ -367,7 +368,7 @@ def write_report(
     import matplotlib.pyplot as plt
 
     from ecdit_cli.figures import save_figure
-    from ecdit_cli.plot import make_figures
+    from ecdit_cli.study.figures import make_figures
 
     data = data or collect_mod.load(path, recollect)
     root = data.study_dir

@@ -375,14 +375,6 @@ def write_study(spec: StudySpec, points: list[SweepPoint], out: str | Path) -> l
     return warnings
 
 
-def read_manifest(study: str | Path) -> list[dict[str, str]]:
-    p = Path(study) / rundir.MANIFEST
-    if not p.exists():
-        raise EcditError(f"{study} is not a study directory (no {rundir.MANIFEST}); create one with `ecdit sweep SPEC -o DIR`")
-    with open(p, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def launch_script(points: list[SweepPoint], nproc: int, hostfile: str | None, launcher: str = "deepspeed") -> str:
     """A shell script with one launcher command per point (run from any node seeing the study)."""
     from ecdit_cli.train.launch import launch_command

@@ -1,7 +1,7 @@
 """Figures of a study: loss curves, scaling laws, per-timestep loss, routing statistics, evals.
 
 Every function takes collected data (`collect.CollectResult` tables) and, for the scaling
-figures, the fits of `ecdit_cli.fit`, and returns a matplotlib Figure; the caller saves it
+figures, the fits of `ecdit_cli.study.fit`, and returns a matplotlib Figure; the caller saves it
 (`figures.save_figure` writes PNG and SVG). One colour per routing across all figures (dense dark grey,
 token choice blue, expert choice orange-red); within a routing, a lighter shade and a different
 marker mark a smaller model, and a different line style another series (e.g. E=16 vs E=8).
@@ -9,155 +9,30 @@ marker mark a smaller model, and a different line style another series (e.g. E=1
 
 from __future__ import annotations
 
-import math
-import textwrap
 from collections.abc import Mapping
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from ecdit_cli import figures  # noqa: F401, I001  (first: the Agg backend and the house style)
-from ecdit_cli.collect import CollectResult, series_labels, series_order, size_labels, size_order
-from ecdit_cli.numbers import si
+from ecdit_cli.study.collect import EVAL_TASKS, CollectResult
+from ecdit_cli.study.figure_style import (
+    LOSS_LABEL,
+    SERIES_STYLES,
+    X_LABELS,
+    Layout,
+    finish,
+    grid,
+    routing_name,
+    status_suffix,
+    tidy_log_axis,
+)
 
-ROUTING_COLORS = {"dense": "#3a3a3a", "token_choice": "#1f6fb4", "expert_choice": "#e0541b"}
-ROUTING_NAMES = {"dense": "Dense", "token_choice": "Token choice (TC)", "expert_choice": "Expert choice (EC)"}
-_OTHER_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-SIZE_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-SERIES_STYLES = ["-", "--", ":", "-."]
-LOSS_LABEL = "validation loss (MSE of velocity)"
-X_LABELS = {
-    "step": "optimizer steps",
-    "flops": "training FLOPs (cumulative)",
-    "images_seen": "images seen",
-    "params_active": "activated parameters per token",
-    "params_total": "total parameters",
-    "train_flops": "training FLOPs (whole run)",
-}
-EVAL_TASKS = ("overall", "single_object", "two_object", "counting", "colors", "position", "color_attr")
 FIGURES = ("loss_vs_steps", "loss_vs_flops", "scaling_params", "scaling_flops", "loss_vs_timestep",
            "routing_stats", "eval_scores")  # fmt: skip
-
-def routing_color(routing: str) -> str:
-    if routing in ROUTING_COLORS:
-        return ROUTING_COLORS[routing]
-    return _OTHER_COLORS[sum(map(ord, str(routing))) % len(_OTHER_COLORS)]
-
-
-def routing_name(routing: str) -> str:
-    return ROUTING_NAMES.get(routing, str(routing))
-
-
-def shade(color: str, rank: int, n: int) -> tuple[float, float, float]:
-    """The colour blended towards white for smaller models (rank 0 of n is the lightest)."""
-    if n <= 1:
-        return to_rgb(color)
-    k = 0.45 + 0.55 * rank / (n - 1)  # 45% .. 100% of the full colour
-    return tuple(1 - k * (1 - c) for c in to_rgb(color))  # type: ignore[return-value]
-
-
-def tidy_log_axis(ax: Any, which: str) -> None:
-    """Readable ticks on a log axis: plain/SI labels, and enough of them on a narrow range."""
-    axis = ax.xaxis if which == "x" else ax.yaxis
-    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
-    if not (lo > 0 and hi > lo):
-        return
-    decades = math.log10(hi / lo)
-    if decades < 1.0:
-        ticks = [
-            t for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi
-        ]
-        axis.set_major_locator(FixedLocator(ticks))
-    else:
-        axis.set_major_locator(LogLocator(10, subs=(1.0, 2.0, 5.0) if decades < 3 else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: si(v)))
-    axis.set_minor_formatter(NullFormatter())
-
-
-class _Layout:
-    """Labels of a study's runs: size name and order, series, colour and style per run."""
-
-    def __init__(self, data: CollectResult) -> None:
-        runs = data.runs
-        self.runs = runs
-        self.size = size_labels(runs, data.axes)
-        self.sizes = size_order(runs, self.size)
-        self.series = series_labels(runs, data.axes)
-        self.routing = (
-            runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
-        )
-        self.series_order = series_order(runs, self.series)
-
-    def _routing_of(self, series: str) -> str:
-        return str(self.routing[self.series == series].iloc[0])
-
-    def color(self, series: str) -> str:
-        return routing_color(self._routing_of(series))
-
-    def linestyle(self, series: str) -> str:
-        r = self._routing_of(series)
-        same = [s for s in self.series_order if self._routing_of(s) == r]
-        return SERIES_STYLES[same.index(series) % len(SERIES_STYLES)]
-
-    def label(self, series: str) -> str:
-        r = self._routing_of(series)
-        return routing_name(r) + series[len(r) :] if series.startswith(r) else str(series)
-
-    def marker(self, size: str) -> str:
-        return SIZE_MARKERS[self.sizes.index(size) % len(SIZE_MARKERS)] if size in self.sizes else "o"
-
-    def sized_color(self, series: str, size: str) -> tuple[float, float, float]:
-        rank = self.sizes.index(size) if size in self.sizes else len(self.sizes) - 1
-        return shade(self.color(series), rank, len(self.sizes))
-
-    def series_legend(self, series: list[str] | None = None) -> list[Line2D]:
-        return [
-            Line2D([], [], color=self.color(s), ls=self.linestyle(s), lw=2, label=self.label(s))
-            for s in (series or self.series_order)
-        ]
-
-    def size_legend(self) -> list[Line2D]:
-        return [
-            Line2D([], [], color="0.35", marker=self.marker(s), ls="", label=f"size {s}") for s in self.sizes
-        ]
-
-
-def _grid(n: int, width: float = 4.2, height: float = 3.3, ncols: int = 3) -> tuple[Figure, list[Any]]:
-    ncols = min(ncols, max(n, 1))
-    nrows = math.ceil(max(n, 1) / ncols)
-    fig, axs = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.9), squeeze=False)
-    flat = list(axs.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
-
-
-def _finish(fig: Figure, title: str, handles: list[Line2D], note: str = "") -> Figure:
-    # About 9 bold 11-pt characters per inch: wrap so a one-panel figure keeps its whole title.
-    lines = textwrap.wrap(title, max(30, int(9 * fig.get_figwidth())))
-    fig.suptitle("\n".join(lines), fontsize=11, fontweight="bold", y=0.995)
-    extra = 0.18 / fig.get_figheight() * (len(lines) - 1)  # figure fraction per extra title line
-    if note:
-        fig.text(0.5, 0.955 - extra, note, ha="center", va="top", fontsize=7.5, color="0.35", wrap=True)
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), bbox_to_anchor=(0.5, 0.0))
-    rows = math.ceil(len(handles) / 5) if handles else 0
-    fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, (0.93 if note else 0.95) - extra))
-    return fig
-
-
-def _status_suffix(row: pd.Series) -> str:
-    if row["status"] == "done":
-        return ""
-    step = row.get("step")
-    at = f" at step {int(step)}" if isinstance(step, (int, float)) and math.isfinite(step) else ""
-    return f" ({row['status']}{at})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,14 +42,14 @@ def _status_suffix(row: pd.Series) -> str:
 def loss_curves(data: CollectResult, x: str = "step") -> Figure:
     """Training (thin) and validation (markers) loss against steps or training FLOPs, one panel
     per model size, colour = routing. Runs that are not done are drawn dashed-thin and named."""
-    lay = _Layout(data)
+    lay = Layout(data)
     curves = data.curves
     wanted = curves[curves["metric"].isin(["train_loss", "val_loss"])]
     by_run = dict(tuple(wanted.groupby("run_id", sort=False)))
     logged = lay.runs["run_id"].isin(by_run)
     sizes = [s for s in lay.sizes if (logged & (lay.size == s)).any()]
     empty = [s for s in lay.sizes if s not in sizes]
-    fig, axes = _grid(len(sizes))
+    fig, axes = grid(len(sizes))
     notes = []
     for ax, size in zip(axes, sizes, strict=True):
         for i in lay.runs.index[lay.size == size]:
@@ -190,7 +65,7 @@ def loss_curves(data: CollectResult, x: str = "step") -> Figure:
             ax.plot(tr[x], tr["value"], color=color, ls=ls, lw=0.8, alpha=0.35)
             ax.plot(va[x], va["value"], color=color, ls=ls if done else ":", lw=1.6, marker="o", ms=3)
             if not done:
-                notes.append(f"{row['run_id']}{_status_suffix(row)}")
+                notes.append(f"{row['run_id']}{status_suffix(row)}")
         ax.set_title(f"size {size}")
         ax.set_yscale("log")
         tidy_log_axis(ax, "y")
@@ -207,7 +82,7 @@ def loss_curves(data: CollectResult, x: str = "step") -> Figure:
     note = ("not finished: " + ", ".join(notes)) if notes else ""
     if empty:
         note += ("; " if note else "") + "no metrics yet for size " + ", ".join(map(str, empty))
-    return _finish(fig, f"Training and validation loss vs {what}", handles, note)
+    return finish(fig, f"Training and validation loss vs {what}", handles, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,9 +99,9 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
 
     `fits` maps a series label to a `fit.PowerLawFit`, or to a string saying why there is none.
     """
-    from ecdit_cli.fit import FitError, predict, prediction_band
+    from ecdit_cli.study.fit import FitError, predict, prediction_band
 
-    lay = _Layout(data)
+    lay = Layout(data)
     runs = lay.runs
     done = runs[(runs["status"] == "done") & runs["final_val_loss"].notna() & runs[x].gt(0)]
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
@@ -310,12 +185,12 @@ def scaling(data: CollectResult, x: str, fits: Mapping[str, Any]) -> Figure:
 
 def timestep_loss(data: CollectResult) -> Figure:
     """Final validation loss at each fixed timestep t, one panel per size, colour = routing."""
-    lay = _Layout(data)
+    lay = Layout(data)
     runs = lay.runs
     kcols = sorted((c for c in runs.columns if c.startswith("final_val_loss_t")), key=lambda c: int(c[16:]))
     has = runs[kcols].notna().any(axis=1) if kcols else pd.Series(False, index=runs.index)
     sizes = [s for s in lay.sizes if (has & (lay.size == s)).any()]
-    fig, axes = _grid(len(sizes))
+    fig, axes = grid(len(sizes))
     for ax, size in zip(axes, sizes, strict=True):
         for i in runs.index[has & (lay.size == size)]:
             row = runs.loc[i]
@@ -334,7 +209,7 @@ def timestep_loss(data: CollectResult) -> Figure:
                 marker="o",
                 ms=3.5,
                 lw=1.5,
-                label=lay.label(s) + _status_suffix(row),
+                label=lay.label(s) + status_suffix(row),
             )
         ax.set_title(f"size {size}")
         ax.set_xlabel("timestep t (0 = data, 1 = noise)")
@@ -345,7 +220,7 @@ def timestep_loss(data: CollectResult) -> Figure:
         axes = [fig.add_subplot(111)]
         axes[0].text(0.5, 0.5, "no validation records yet", ha="center", va="center")
         axes[0].set_axis_off()
-    return _finish(fig, "Final validation loss per timestep (dotted: latest values of runs not done)", [])
+    return finish(fig, "Final validation loss per timestep (dotted: latest values of runs not done)", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +229,7 @@ def timestep_loss(data: CollectResult) -> Figure:
 
 def _metric_panel(
     ax: Any,
-    lay: _Layout,
+    lay: Layout,
     curves: pd.DataFrame,
     routing: str,
     metric: str,
@@ -379,7 +254,7 @@ def _metric_panel(
             marker=lay.marker(size),
             markevery=max(1, len(c) // 6),
             ms=4,
-            label=f"size {size}" + series_suffix(lay, s) + _status_suffix(row),
+            label=f"size {size}" + series_suffix(lay, s) + status_suffix(row),
         )
         if std is not None:
             sd = curves[(curves["run_id"] == row["run_id"]) & (curves["metric"] == std)].sort_values("step")
@@ -406,7 +281,7 @@ def _metric_panel(
     return drawn
 
 
-def series_suffix(lay: _Layout, series: str) -> str:
+def series_suffix(lay: Layout, series: str) -> str:
     r = lay._routing_of(series)
     return series[len(r) :] if series.startswith(r) else ""
 
@@ -414,7 +289,7 @@ def series_suffix(lay: _Layout, series: str) -> str:
 def routing_stats(data: CollectResult) -> Figure:
     """EC experts per token (mean ± std) and share of tokens no expert picked; TC share of
     dropped tokens and load imbalance; over training, shade/marker = size."""
-    lay = _Layout(data)
+    lay = Layout(data)
     fig, axs = plt.subplots(2, 2, figsize=(11, 7.4), squeeze=False)
     (a, b), (c, d) = axs
     curves = data.curves
@@ -439,7 +314,7 @@ def routing_stats(data: CollectResult) -> Figure:
     d.set_title("TC: load imbalance before capacity")
     d.set_ylabel("max expert load / mean load")
     d.axhline(1.0, color="0.5", lw=0.8, ls="--")
-    return _finish(fig, "Routing statistics over training (averaged over MoE layers)", [])
+    return finish(fig, "Routing statistics over training (averaged over MoE layers)", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,14 +324,14 @@ def routing_stats(data: CollectResult) -> Figure:
 def eval_scores(data: CollectResult) -> Figure | None:
     """GenEval-style scores (%) per task, one panel per size, bars coloured by routing; None
     when no run has an eval.json."""
-    lay = _Layout(data)
+    lay = Layout(data)
     runs = lay.runs
     if "eval_overall" not in runs or runs["eval_overall"].notna().sum() == 0:
         return None
-    tasks = [t for t in EVAL_TASKS if f"eval_{t}" in runs]
+    tasks = [t for t in ("overall", *EVAL_TASKS) if f"eval_{t}" in runs]
     has = runs["eval_overall"].notna()
     sizes = [s for s in lay.sizes if (has & (lay.size == s)).any()]
-    fig, axes = _grid(len(sizes), width=5.2, height=3.4, ncols=2)
+    fig, axes = grid(len(sizes), width=5.2, height=3.4, ncols=2)
     for ax, size in zip(axes, sizes, strict=True):
         idx = list(runs.index[has & (lay.size == size)])
         idx.sort(key=lambda i: lay.series_order.index(lay.series[i]))
@@ -483,7 +358,7 @@ def eval_scores(data: CollectResult) -> Figure | None:
         ax.set_ylabel("images correct (%)")
         ax.set_title(f"size {size}")
         ax.grid(axis="x", visible=False)
-    return _finish(
+    return finish(
         fig,
         "GenEval-style scores (overall = unweighted mean of the six tasks)",
         lay.series_legend([s for s in lay.series_order if (has & (lay.series == s)).any()]),

@@ -1,0 +1,6 @@
+"""Studies: a spec becomes a grid of runs, runs become tables, tables become fits and a report.
+
+spec (YAML spec and grid, compute matching, manifest) -> collect (runs.csv, curves.csv) ->
+fit (saturating power laws, bootstrap CIs, held-out checks) -> findings (the numbers a report
+states) -> figures (with figure_style) -> report (report.md and report.html).
+"""
