@@ -123,3 +123,41 @@ def data_markdown(res: dict[str, Any]) -> str:
         machine_line(res["machine"], res.get("load_avg_end")),
         _table(["piece", "ms / batch", "IQR ms", "ms / image", "images/s"], rows),
     ])
+
+
+def _ratio_cell(r: dict[str, float] | float | None) -> str:
+    if r is None:
+        return "-"
+    if isinstance(r, dict):
+        return f"{r['median']:.2f} ({r['iqr']:.2f})"
+    return f"{r:.2f}"
+
+
+def train_markdown(res: dict[str, Any]) -> str:
+    from ecdit_cli.bench.train import target_status
+
+    s = res["settings"]
+    rows = []
+    for r in res["rows"]:
+        st = r.get("startup", {})
+        rows.append([f"{r['preset']} {r['routing']}", _f(r["full loop ms"]), _f(r["engine step ms"]),
+                     _f(r["plain loop ms"]), _f(r["plain DiT ms"]), _f(r["full loop images/s"], ".0f"),
+                     _f(r["engine GFLOP/s"], ".0f"), _f(r["sgemm GFLOP/s"], ".0f"),
+                     _ratio_cell(r["full loop / engine step"]), _ratio_cell(r["engine step / plain loop"]),
+                     _ratio_cell(r["plain loop / plain DiT"]), _f(st.get("one_step_process_s")),
+                     _f(st.get("import_deepspeed_s"))])
+    targets = []
+    for r in res["rows"]:
+        for name, (v, met) in target_status(r).items():
+            if v is not None:
+                targets.append([f"{r['preset']} {r['routing']}", name, f"<= {res['targets'][name]:g}", f"{v:.2f}",
+                                "met" if met else "**not met**"])
+    return "\n\n".join([
+        f"### Training loop: {s['steps']}-step runs x {s['rounds']} rounds, batch {s['batch']}, fp32 "
+        f"({s['reps']} interleaved steps per round; ms per step, medians; ratios: median (IQR) of per-round ratios)",
+        machine_line(res["machine"], res.get("load_avg_end")),
+        _table(["preset / routing", "full loop", "engine step", "plain loop", "plain DiT", "full loop img/s",
+                "engine GFLOP/s", "sgemm GFLOP/s", "full / engine", "engine / plain", "plain / plain DiT",
+                "1-step process s", "import deepspeed s"], rows),
+        _table(["preset / routing", "target", "goal", "measured", ""], targets),
+    ])

@@ -1,4 +1,4 @@
-"""`ecdit bench moe`, `ecdit bench step` and `ecdit bench data`: the benchmarks of BENCHMARKS.md."""
+"""`ecdit bench moe`, `step`, `train` and `data`: the benchmarks of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -153,3 +153,36 @@ def data(
     set_threads(threads)
     result = bench_data(batch=batch, image_size=image_size, reps=reps, warmup=warmup, on_progress=_progress(quiet))
     _emit(result, data_markdown(result), as_json, markdown)
+
+
+@app.command("train")
+def train(
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (see `ecdit info`).")] = "tiny",
+    routing: Annotated[Optional[list[str]], typer.Option(
+        "--routing", help="Routings to measure (repeatable) [default: dense and expert_choice].")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps of each full-loop run (the demo's settings).")] = 200,
+    rounds: Annotated[int, typer.Option("--rounds", help="Full-loop runs per routing, each followed by the timed steps.")] = 3,
+    reps: RepsOpt = 10,
+    batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 32,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key (repeatable).")] = None,
+    no_startup: Annotated[bool, typer.Option("--no-startup", help="Skip the start-up measurement (two subprocesses).")] = False,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+    markdown: MarkdownOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Time the whole training loop against its engine step, plain PyTorch, a plain DiT and sgemm."""
+    from ecdit_cli.bench import bench_train, train_markdown
+    from ecdit_cli.bench.timing import set_threads
+    from ecdit_cli.config.schema import ROUTINGS
+    from ecdit_cli.errors import EcditError
+
+    routings = tuple(routing or ("dense", "expert_choice"))
+    for r in routings:
+        if r not in ROUTINGS:
+            raise EcditError(f"--routing {r!r} is invalid: allowed: {', '.join(ROUTINGS)}")
+    set_threads(threads)
+    with _stdout_to_stderr():
+        result = bench_train(preset, routings, steps=steps, rounds=rounds, reps=reps, batch=batch,
+                             overrides=list(set_ or []), startup=not no_startup, on_progress=_progress(quiet))
+    _emit(result, train_markdown(result), as_json, markdown)

@@ -60,8 +60,10 @@ def micro_batch_inputs(ctx: StepContext, step: int, m: int) -> tuple[torch.Tenso
     return x_t, t, text, mask, drop, v
 
 
-def forward_backward(ctx: StepContext, step: int) -> StepOutcome:
-    """Accumulate the gradients of all micro-batches of `step`; a non-finite loss backpropagates zeros."""
+def forward_backward(ctx: StepContext, step: int, inputs=micro_batch_inputs) -> StepOutcome:
+    """Accumulate the gradients of all micro-batches of `step`; a non-finite loss backpropagates zeros.
+
+    `inputs(ctx, step, m)` gives micro-batch m's tensors (`ecdit bench train` passes fixed ones)."""
     from ecdit_cli.train.engine import all_reduce, grad_norm
 
     cfg, engine, device, accum = ctx.cfg, ctx.engine, ctx.engine.device, ctx.accum
@@ -72,7 +74,7 @@ def forward_backward(ctx: StepContext, step: int) -> StepOutcome:
         values[key] = values.get(key, 0.0) + value / accum
 
     for m in range(accum):
-        x_t, t, text, mask, drop, v = micro_batch_inputs(ctx, step, m)
+        x_t, t, text, mask, drop, v = inputs(ctx, step, m)
         out = engine(x_t.to(device, ctx.dtype), t.to(device), text.to(device), mask.to(device), drop.to(device))
         mse = (out.velocity.float() - v.to(device)).square().mean()
         loss = mse
