@@ -165,18 +165,15 @@ def grad_norm(model: torch.nn.Module, ep_size: int) -> float | None:
     distinct across expert-parallel ranks and replicated world/ep times, so their squares are
     summed over the world and divided by the replica count.
     """
-    shared_sq, expert_sq, seen = 0.0, 0.0, False
+    shared, expert = [], []
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        seen = True
-        sq = float(p.grad.detach().float().square().sum())
-        if getattr(p, "allreduce", True) is False:
-            expert_sq += sq
-        else:
-            shared_sq += sq
-    if not seen:
+        if p.grad is not None:
+            (expert if getattr(p, "allreduce", True) is False else shared).append(p.grad.detach().float())
+    if not shared and not expert:
         return None
+    # Per-tensor sums of squares in fp32, added up in fp64, one host transfer for all of them.
+    sums = torch.stack([g.square().sum() for g in shared + expert]).double()
+    shared_sq, expert_sq = float(sums[: len(shared)].sum()), float(sums[len(shared):].sum())
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
         (expert_sq,) = all_reduce([expert_sq])

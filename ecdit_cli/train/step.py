@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ecdit_cli import deepspeed_compat
 from ecdit_cli.config import RunConfig
 from ecdit_cli.model.rectified_flow import interpolate, sample_timesteps
 from ecdit_cli.seeding import hash_seed
@@ -96,6 +97,8 @@ def forward_backward(ctx: StepContext, step: int, inputs=micro_batch_inputs) -> 
             bad_reason = bad_reason or f"non-finite loss ({loss.item()}) at step {step + 1}"
             loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
         engine.backward(loss)
+    if not getattr(engine, "enable_backward_allreduce", True):
+        deepspeed_compat.fill_missing_grads(engine.module)
     gnorm = grad_norm(engine.module, cfg.moe.ep_size if cfg.moe.is_moe else 1)
     if gnorm is not None and not math.isfinite(gnorm):
         bad_reason = bad_reason or f"non-finite gradient norm at step {step + 1}"

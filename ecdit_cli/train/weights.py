@@ -29,8 +29,10 @@ class EMA:
     def update(self, step: int) -> None:
         # Warm-up (1 + s) / (10 + s): early weights are not averaged in with a 0.999 memory.
         d = min(self.decay, (1 + step) / (10 + step))
-        for n, p in self.params.items():
-            self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        # The same mul_ then add_ per tensor as a loop would do (bit for bit), in two fused calls.
+        shadow = [self.shadow[n] for n in self.params]
+        torch._foreach_mul_(shadow, d)
+        torch._foreach_add_(shadow, [p.detach().float() for p in self.params.values()], alpha=1 - d)
 
 
 def gather_experts(tensor: torch.Tensor, ep_size: int) -> torch.Tensor:
