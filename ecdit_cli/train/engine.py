@@ -171,9 +171,10 @@ def grad_norm(model: torch.nn.Module, ep_size: int) -> float | None:
             (expert if getattr(p, "allreduce", True) is False else shared).append(p.grad.detach().float())
     if not shared and not expert:
         return None
-    # Per-tensor sums of squares in fp32, added up in fp64, one host transfer for all of them.
-    sums = torch.stack([g.square().sum() for g in shared + expert]).double()
-    shared_sq, expert_sq = float(sums[: len(shared)].sum()), float(sums[len(shared):].sum())
+    # Per-tensor sums of squares in fp32, one host transfer for all of them, added up in Python
+    # in parameter order (the order a per-tensor loop would add them in: the same float).
+    sums = torch.stack([g.square().sum() for g in shared + expert]).tolist()
+    shared_sq, expert_sq = sum(sums[: len(shared)]), sum(sums[len(shared):])
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
         (expert_sq,) = all_reduce([expert_sq])
