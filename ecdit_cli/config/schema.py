@@ -229,6 +229,7 @@ class TrainConfig:
     max_bad_steps: int = 0  # non-finite loss/grad steps skipped before the run fails (0 = fail at once)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    compile: bool = False  # torch.compile the model through DeepSpeed (ecdit bench train measures it)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):

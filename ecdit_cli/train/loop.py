@@ -144,6 +144,8 @@ class _Run:
         torch.manual_seed(cfg.train.seed)
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
         self.engine = build_engine(cfg, self.model, self.precision, dist.world_size)
+        if cfg.train.compile:
+            self.engine.compile()  # DeepSpeed's wrapper of torch.compile, on the engine's module
         self.acc = count(cfg, vocab_size=len(self.model.tokenizer.vocab))
         val_n = (min(cfg.data.val_size, 10**9) // dist.world_size) * dist.world_size
         val_images, val_captions = self.source.val_set(val_n)
