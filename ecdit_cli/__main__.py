@@ -9,10 +9,13 @@ import sys
 WORKER = "_worker"
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == [WORKER]:
+    # The DeepSpeed launcher puts its --local_rank=N before the module's own arguments.
+    if WORKER in sys.argv[1:3]:
         from ecdit_cli.cli.worker import main as worker_main
 
-        sys.exit(worker_main(sys.argv[2:]))
+        args = sys.argv[1:]
+        args.remove(WORKER)
+        sys.exit(worker_main(args))
     from ecdit_cli.cli import main
 
     main()
