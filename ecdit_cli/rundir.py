@@ -122,8 +122,17 @@ def read_metrics(run_dir: str | Path, warnings: list[str] | None = None) -> tupl
     """(train records, val records) of a run; corrupt or truncated lines are skipped (warned)."""
     train, val = [], []
     for rec in read_jsonl(Path(run_dir) / METRICS, warnings=warnings):
-        (val if rec.get("kind") == "val" else train).append(rec)
+        kind = rec.get("kind")
+        if kind == "val":
+            val.append(rec)
+        elif kind != "eval":
+            train.append(rec)
     return train, val
+
+
+def read_eval_records(run_dir: str | Path, warnings: list[str] | None = None) -> list[dict]:
+    """The run's in-training GenEval records (`train.eval_every`), in step order."""
+    return [r for r in read_jsonl(Path(run_dir) / METRICS, warnings=warnings) if r.get("kind") == "eval"]
 
 
 def require_dir(path: str | Path, what: str = "directory") -> Path:

@@ -8,10 +8,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ecdit_cli"
 
 # Rank of each top-level module or sub-package; a module may import its own rank only inside its
-# own package (the two rank-4 packages, evaluate and bench, stay independent of each other).
+# own package (the two rank-5 packages, bench and study, stay independent of each other).
+# Training evaluates as it goes (train.eval_every), so evaluate sits below train.
 FOUNDATIONS = ("__init__", "errors", "files", "lock", "rundir", "seeding", "devices", "numbers", "figures",
                "deepspeed_compat", "config")
-LAYERS = {**{name: 0 for name in FOUNDATIONS}, "data": 1, "model": 2, "train": 3, "evaluate": 4, "bench": 4,
+LAYERS = {**{name: 0 for name in FOUNDATIONS}, "data": 1, "model": 2, "evaluate": 3, "train": 4, "bench": 5,
           "study": 5, "cli": 6, "__main__": 7}
 
 

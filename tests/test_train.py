@@ -10,6 +10,7 @@ import torch
 
 from ecdit_cli import rundir
 from ecdit_cli.config import resolve_config
+from ecdit_cli.data.scenes import TAGS
 from ecdit_cli.files import read_jsonl
 from ecdit_cli.model.load import load_run
 from ecdit_cli.train.loop import Callbacks, train
@@ -209,3 +210,39 @@ def test_prefetched_batches_are_the_batches_of_the_direct_path_in_the_same_order
                 for a, b in zip(prefetched(ctx, step, m), micro_batch_inputs(ctx, step, m), strict=True):
                     assert torch.equal(a, b)
         assert not prefetched.pending  # nothing is prepared past the last step
+
+
+def test_eval_every_logs_fixed_geneval_subsets_without_changing_the_training(tmp_path):
+    from ecdit_cli.study.collect import collect
+    from ecdit_cli.study.figures import make_figures
+
+    extra = ("train.eval_every=5", "train.eval_per_tag=1", "train.eval_images=1")
+    train(tiny("expert_choice", 10, *extra), tmp_path / "with")
+    train(tiny("expert_choice", 10), tmp_path / "without")
+    recs = metrics(tmp_path / "with")
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [5, 10]
+    for r in evals:
+        assert r["eval_images"] == 6 and 0 <= r["geneval_overall"] <= 1
+        assert {k for k in r if k.startswith("geneval_")} == {"geneval_overall", *(f"geneval_{t}" for t in TAGS)}
+    # Sampling on the EMA weights in the middle of a run leaves the run exactly as it was.
+    assert [r for r in recs if r["kind"] != "eval"] == metrics(tmp_path / "without")
+    # The subset is fixed: a second run of the same config scores the same images the same way.
+    train(tiny("expert_choice", 10, *extra), tmp_path / "again")
+
+    def scores(run):
+        return [{k: v for k, v in r.items() if k != "eval_seconds"} for r in metrics(run) if r["kind"] == "eval"]
+
+    assert scores(tmp_path / "again") == scores(tmp_path / "with")
+    data = collect(tmp_path / "with", write=False)
+    assert set(data.curves.loc[data.curves["metric"] == "geneval_overall", "step"]) == {5, 10}
+    assert "geneval_vs_training" in make_figures(data)
+
+
+def test_eval_every_is_refused_where_it_cannot_score(tmp_path):
+    from ecdit_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.eval_every=5 is invalid: needs data.source=scenes"):
+        tiny("dense", 10, "train.eval_every=5", "data.source=fashion_mnist", "model.in_channels=1")
+    with pytest.raises(ConfigError, match="needs moe.ep_size=1"):
+        tiny("expert_choice", 10, "train.eval_every=5", "moe.ep_size=2")

@@ -230,12 +230,18 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     compile: bool = False  # torch.compile the model through DeepSpeed (ecdit bench train measures it)
+    eval_every: int = 0  # steps between GenEval subsets on the EMA weights during training (0 = off)
+    eval_per_tag: int = 2  # prompts per GenEval task in that subset (fixed prompts, fixed sampling seed)
+    eval_images: int = 2  # images per prompt in that subset
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
             v = getattr(self, key)
             _require(v >= 1, f"train.{key}", v, "must be >= 1")
-        for key in ("micro_batch_size", "warmup_steps", "max_bad_steps", "threads"):
+        for key in ("eval_per_tag", "eval_images"):
+            v = getattr(self, key)
+            _require(v >= 1, f"train.{key}", v, "must be >= 1")
+        for key in ("micro_batch_size", "warmup_steps", "max_bad_steps", "threads", "eval_every"):
             v = getattr(self, key)
             _require(v >= 0, f"train.{key}", v, "must be >= 0")
         _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0")
@@ -294,6 +300,12 @@ class RunConfig:
             )
         elif self.data.source == "fashion_mnist":
             _require(m.in_channels in (1, 3), "model.in_channels", m.in_channels, "fashion_mnist allows 1 or 3")
+        if self.train.eval_every:
+            _require(self.data.source == "scenes", "train.eval_every", self.train.eval_every,
+                     f"needs data.source=scenes (GenEval's detector reads the built-in scenes; got {self.data.source})")
+            _require(not moe.is_moe or moe.ep_size == 1, "train.eval_every", self.train.eval_every,
+                     f"samples on one process: it needs moe.ep_size=1 (got {moe.ep_size}); evaluate afterwards "
+                     "with `ecdit eval`")
         if self.text.encoder == "minilm":
             _require(self.text.width == 384, "text.width", self.text.width, "must be 384 with text.encoder=minilm")
 

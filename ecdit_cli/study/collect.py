@@ -218,7 +218,8 @@ def _collect_run(
     out["status"] = status
     out["error"] = summary.get("error") or ""
     out.update(_read_eval(run, warnings))
-    _curve_rows(rid, train + val, out["flops_per_image"], curves)
+    evals = _dedup(rundir.read_eval_records(run, warnings=[]))  # corrupt lines: warned once, above
+    _curve_rows(rid, train + val + evals, out["flops_per_image"], curves)
     out["_logged"] = bool(train or val or summary)
     return out
 

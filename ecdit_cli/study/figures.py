@@ -32,7 +32,7 @@ from ecdit_cli.study.figure_style import (
 )
 
 FIGURES = ("loss_vs_steps", "loss_vs_flops", "scaling_params", "scaling_flops", "loss_vs_timestep",
-           "routing_stats", "eval_scores")  # fmt: skip
+           "routing_stats", "eval_scores", "geneval_vs_training")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +365,39 @@ def eval_scores(data: CollectResult) -> Figure | None:
     )
 
 
+def geneval_curves(data: CollectResult) -> Figure | None:
+    """GenEval overall (%) of the in-training subsets (`train.eval_every`) against steps and
+    against training FLOPs, one line per run (colour = routing, shade and marker = size); None
+    when no run logged one."""
+    lay = Layout(data)
+    curves = data.curves
+    ev = curves[curves["metric"] == "geneval_overall"]
+    if ev.empty:
+        return None
+    fig, axes = grid(2, width=5.2, height=3.6, ncols=2)
+    by_run = dict(tuple(ev.groupby("run_id", sort=False)))
+    for ax, x in zip(axes, ("step", "flops"), strict=True):
+        for i in lay.runs.index:
+            c = by_run.get(lay.runs.at[i, "run_id"])
+            if c is None:
+                continue
+            c = c.sort_values(x)
+            s, size = lay.series[i], lay.size[i]
+            ax.plot(c[x], 100 * c["value"], color=lay.sized_color(s, size), ls=lay.linestyle(s), lw=1.4,
+                    marker=lay.marker(size), ms=4)
+        if x == "flops":
+            ax.set_xscale("log")
+            tidy_log_axis(ax, "x")
+        ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)" if x == "flops" else ""))
+        ax.set_ylabel("GenEval overall (% of images correct)")
+        ax.set_ylim(0, 100)
+    runs_with = [s for s in lay.series_order if lay.runs["run_id"][lay.series == s].isin(by_run).any()]
+    n_img = curves[curves["metric"] == "eval_images"]["value"]
+    note = f"fixed prompt subset and sampling seed, EMA weights, {int(n_img.iloc[0])} images per point" if len(n_img) else ""
+    return finish(fig, "GenEval during training (the train.eval_every subset)",
+                  lay.series_legend(runs_with) + lay.size_legend(), note)
+
+
 # ---------------------------------------------------------------------------------------------
 # All figures
 
@@ -390,4 +423,7 @@ def make_figures(
     ev = eval_scores(data)
     if ev is not None:
         figs["eval_scores"] = ev
+    during = geneval_curves(data)
+    if during is not None:
+        figs["geneval_vs_training"] = during
     return figs

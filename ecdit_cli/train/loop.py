@@ -55,6 +55,8 @@ from ecdit_cli.train.step import (
 from ecdit_cli.train.validation import activation_dtype, validate
 from ecdit_cli.train.weights import EMA, save_final_weights
 
+EVAL_SEED = 0  # sampling seed of the in-training GenEval subset (not tuned on: `ecdit eval --seed` varies it)
+
 __all__ = ["Callbacks", "TrainingFailed", "TrainingInterrupted", "check_resume_compatible", "train"]
 
 
@@ -233,6 +235,29 @@ class _Run:
         self.last_val = self.record("val", validate(self.engine, self.cfg, self.val_x, self.val_text,
                                                     self.val_mask, self.micro, self.dist, self.engine.device))
 
+    def evaluate(self) -> None:
+        """A fixed GenEval subset (prompt set and sampling seed fixed: runs compare) on the EMA
+        weights, logged as a record of kind `eval`. Rank 0 samples (train.eval_every needs ep_size 1)."""
+        if not self.main:
+            return
+        import contextlib
+
+        from ecdit_cli.evaluate.eval_run import eval_model
+
+        t, module = self.cfg.train, self.engine.module
+        was_training = module.training
+        weights = self.ema.swapped_in(module) if self.ema is not None else contextlib.nullcontext()
+        t0 = time.time()
+        with weights:
+            module.eval()
+            try:
+                _, _, scores = eval_model(module, self.cfg, n=t.eval_images, per_tag=t.eval_per_tag, seed=EVAL_SEED)
+            finally:
+                module.train(was_training)
+        self.record("eval", {"geneval_overall": scores["overall"],
+                             **{f"geneval_{tag}": v for tag, v in scores["tags"].items()},
+                             "eval_images": scores["num_images"], "eval_seconds": time.time() - t0})
+
     def save_checkpoint(self) -> None:
         client = {"step": self.step_done, "images_seen": self.images_seen, "bad_steps": self.bad_steps,
                   "wall_time_s": self.wall_time(), "window": self.window.state()}
@@ -325,6 +350,9 @@ class _Run:
         if self.step_done % cfg.val_every == 0 or last:
             self.validate()
             self.t_window = time.time()  # validation time is not training throughput
+        if cfg.eval_every and (self.step_done % cfg.eval_every == 0 or last):
+            self.evaluate()
+            self.t_window = time.time()  # nor is evaluation
         if self.step_done % cfg.ckpt_every == 0 or last:
             self.save_checkpoint()
             self.t_window = time.time()

@@ -7,6 +7,7 @@ the tokenizer vocabulary and the config, so sampling and evaluation load it with
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -33,6 +34,21 @@ class EMA:
         shadow = [self.shadow[n] for n in self.params]
         torch._foreach_mul_(shadow, d)
         torch._foreach_add_(shadow, [p.detach().float() for p in self.params.values()], alpha=1 - d)
+
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        """The model holds the EMA weights inside the block and its own (bit for bit) after it."""
+        with torch.no_grad():
+            kept = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(kept[n])
 
 
 def gather_experts(tensor: torch.Tensor, ep_size: int) -> torch.Tensor:
