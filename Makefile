@@ -16,7 +16,7 @@ help:
 	@echo "make demo   install, then run the demo study end to end (sweep, train, plot)"
 	@echo "make test   install, then run the test suite"
 	@echo "make lint   ruff over the package and the tests"
-	@echo "make bench  MoE layer and training-step benchmarks (writes results/bench/)"
+	@echo "make bench  MoE layer, training step, whole loop and data benchmarks (writes results/bench/)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,8 @@ lint: install
 bench: install
 	$(VENV)/bin/ecdit bench moe --markdown results/bench/moe.md
 	$(VENV)/bin/ecdit bench step --ep 2 --markdown results/bench/step.md
+	$(VENV)/bin/ecdit bench train --preset tiny --markdown results/bench/train-tiny.md
+	$(VENV)/bin/ecdit bench train --preset medium --rounds 2 --markdown results/bench/train-medium.md
 	$(VENV)/bin/ecdit bench data --markdown results/bench/data.md
 
 bench-gpu: install

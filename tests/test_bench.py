@@ -187,3 +187,23 @@ def test_bench_data_refuses_an_out_of_range_image_size_in_one_line(capsys):
         cli.main(["bench", "data", "--image-size", "8"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "16..64" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_train_reports_every_column_and_marks_each_target(runner):
+    res = runner.invoke(cli.app, ["bench", "train", "--preset", "debug", "--steps", "3", "--rounds", "1",
+                                  "--reps", "1", "--batch", "4", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [r["routing"] for r in out["rows"]] == ["dense", "expert_choice"]
+    for r in out["rows"]:
+        for col in ("full loop ms", "engine step ms", "plain loop ms", "plain DiT ms", "sgemm ms"):
+            assert r[col] > 0
+        for ratio in ("full loop / engine step", "engine step / plain loop", "plain loop / plain DiT"):
+            assert r[ratio]["median"] > 0
+        s = r["startup"]
+        assert s["one_step_process_s"] > s["import_deepspeed_s"] > 0
+    assert "EC / dense engine step per activated FLOP" in out["rows"][1]
+    from ecdit_cli.bench.report import train_markdown
+
+    md = train_markdown(out)
+    assert md.count("| debug expert_choice |") == 1 + 5 and ("met" in md)
