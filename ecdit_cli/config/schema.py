@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from ecdit_cli import RUN_FORMAT_VERSION
+from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE
 from ecdit_cli.errors import ConfigError
 
 Routing = Literal["dense", "token_choice", "expert_choice"]
@@ -233,11 +234,13 @@ class TrainConfig:
     eval_every: int = 0  # steps between GenEval subsets on the EMA weights during training (0 = off)
     eval_per_tag: int = 2  # prompts per GenEval task in that subset (fixed prompts, fixed sampling seed)
     eval_images: int = 2  # images per prompt in that subset
+    eval_cfg: float = DEFAULT_CFG_SCALE  # classifier-free guidance scale of that subset's sampling
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
             v = getattr(self, key)
             _require(v >= 1, f"train.{key}", v, "must be >= 1")
+        _require(self.eval_cfg >= 1, "train.eval_cfg", self.eval_cfg, "must be >= 1 (1 = no guidance)")
         for key in ("eval_per_tag", "eval_images"):
             v = getattr(self, key)
             _require(v >= 1, f"train.{key}", v, "must be >= 1")

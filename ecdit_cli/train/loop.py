@@ -251,7 +251,8 @@ class _Run:
         with weights:
             module.eval()
             try:
-                _, _, scores = eval_model(module, self.cfg, n=t.eval_images, per_tag=t.eval_per_tag, seed=EVAL_SEED)
+                _, _, scores = eval_model(module, self.cfg, n=t.eval_images, cfg_scale=t.eval_cfg,
+                                          per_tag=t.eval_per_tag, seed=EVAL_SEED)
             finally:
                 module.train(was_training)
         self.record("eval", {"geneval_overall": scores["overall"],

@@ -41,7 +41,8 @@ class Callbacks:
 # Config keys that may change between a run's start and its resumption.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train.ckpt_every",
                      "train.keep_checkpoints", "train.threads", "train.device", "train.max_bad_steps",
-                     "train.compile", "train.eval_every", "train.eval_per_tag", "train.eval_images"}
+                     "train.compile", "train.eval_every", "train.eval_per_tag", "train.eval_images",
+                     "train.eval_cfg"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
