@@ -116,9 +116,10 @@ class Layout:
             for s in (series or self.series_order)
         ]
 
-    def size_legend(self) -> list[Line2D]:
+    def size_legend(self, sizes: list[str] | None = None) -> list[Line2D]:
         return [
-            Line2D([], [], color="0.35", marker=self.marker(s), ls="", label=f"size {s}") for s in self.sizes
+            Line2D([], [], color="0.35", marker=self.marker(s), ls="", label=f"size {s}")
+            for s in (self.sizes if sizes is None else sizes)
         ]
 
 

@@ -394,8 +394,10 @@ def geneval_curves(data: CollectResult) -> Figure | None:
     runs_with = [s for s in lay.series_order if lay.runs["run_id"][lay.series == s].isin(by_run).any()]
     n_img = curves[curves["metric"] == "eval_images"]["value"]
     note = f"fixed prompt subset and sampling seed, EMA weights, {int(n_img.iloc[0])} images per point" if len(n_img) else ""
+    logged = lay.runs["run_id"].isin(by_run)
+    sizes_with = [z for z in lay.sizes if (logged & (lay.size == z)).any()]
     return finish(fig, "GenEval during training (the train.eval_every subset)",
-                  lay.series_legend(runs_with) + lay.size_legend(), note)
+                  lay.series_legend(runs_with) + lay.size_legend(sizes_with), note)
 
 
 # ---------------------------------------------------------------------------------------------
