@@ -192,26 +192,6 @@ def test_dry_run_reports_what_a_run_would_log_at_its_start(tmp_path):
     assert planned["info"]["precision"] == ("bf16" if torch.cuda.is_available() else "fp32")
 
 
-def test_prefetched_batches_are_the_batches_of_the_direct_path_in_the_same_order():
-    from ecdit_cli.data.sources import make_source
-    from ecdit_cli.model.t2i import TextToImage
-    from ecdit_cli.train.step import Prefetcher, StepContext, micro_batch_inputs
-
-    cfg = tiny("expert_choice", 3, "train.micro_batch_size=2", "train.batch_size=4")
-    source = make_source("scenes", image_size=cfg.model.input_size, channels=3)
-
-    class Dist:
-        rank, world_size = 0, 1
-
-    ctx = StepContext(cfg, None, TextToImage(cfg, source.vocabulary()), source, Dist(), 2, 2, torch.float32)
-    with Prefetcher(ctx) as prefetched:
-        for step in range(3):
-            for m in range(2):
-                for a, b in zip(prefetched(ctx, step, m), micro_batch_inputs(ctx, step, m), strict=True):
-                    assert torch.equal(a, b)
-        assert not prefetched.pending  # nothing is prepared past the last step
-
-
 def test_eval_every_logs_fixed_geneval_subsets_without_changing_the_training(tmp_path):
     from ecdit_cli.study.collect import collect
     from ecdit_cli.study.figures import make_figures

@@ -44,7 +44,6 @@ from ecdit_cli.train.records import (
 )
 from ecdit_cli.train.signals import StopRequest
 from ecdit_cli.train.step import (
-    Prefetcher,
     StepContext,
     StepOutcome,
     deepspeed_grad_norm,
@@ -277,14 +276,14 @@ class _Run:
 
         ctx = StepContext(self.cfg, self.engine, self.model, self.source, self.dist, self.micro, self.accum,
                           activation_dtype(self.engine))
-        with StopRequest() as stop, Prefetcher(ctx) as inputs:
+        with StopRequest() as stop:
             if self.step_done == 0 and self.restored is None:
                 self.validate()
             self.t_window = time.time()
             for step in range(self.step_done, self.cfg.train.steps):
                 if all_reduce([float(stop.signal)], op="max")[0]:
                     self.interrupt()
-                outcome = forward_backward(ctx, step, inputs)
+                outcome = forward_backward(ctx, step)
                 lr = self.update(step, outcome)
                 self.after_step(outcome, lr)
 

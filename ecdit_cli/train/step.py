@@ -61,41 +61,6 @@ def micro_batch_inputs(ctx: StepContext, step: int, m: int) -> tuple[torch.Tenso
     return x_t, t, text, mask, drop, v
 
 
-class Prefetcher:
-    """Micro-batch inputs computed one micro-step ahead in a background thread.
-
-    Rendering scenes and tokenizing captions is numpy and Python work that the step does not
-    need to wait for: while micro-batch (s, m) trains, (s, m + 1) (or (s + 1, 0)) is prepared.
-    Inputs are a pure function of (step, micro-batch), so the batches are the ones
-    `micro_batch_inputs` gives, in the same order, and resuming stays exact.
-    """
-
-    def __init__(self, ctx: StepContext) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.ctx = ctx
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ecdit-data")
-        self.pending: dict[tuple[int, int], Any] = {}
-
-    def __call__(self, ctx: StepContext, step: int, m: int) -> tuple[torch.Tensor, ...]:
-        fut = self.pending.pop((step, m), None)
-        out = fut.result() if fut is not None else micro_batch_inputs(ctx, step, m)
-        nxt = (step, m + 1) if m + 1 < ctx.accum else (step + 1, 0)
-        if nxt[0] < ctx.cfg.train.steps and nxt not in self.pending:
-            self.pending[nxt] = self.pool.submit(micro_batch_inputs, ctx, *nxt)
-        return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pending.clear()
-
-    def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def forward_backward(ctx: StepContext, step: int, inputs=micro_batch_inputs) -> StepOutcome:
     """Accumulate the gradients of all micro-batches of `step`; a non-finite loss backpropagates zeros.
 
