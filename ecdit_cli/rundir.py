@@ -118,21 +118,19 @@ def lock_is_held(run_dir: str | Path) -> bool:
     return RunLock(Path(run_dir) / LOCK).is_held()
 
 
-def read_metrics(run_dir: str | Path, warnings: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """(train records, val records) of a run; corrupt or truncated lines are skipped (warned)."""
-    train, val = [], []
+def read_records(run_dir: str | Path, warnings: list[str] | None = None) -> dict[str, list[dict]]:
+    """A run's metrics.jsonl by kind: "train", "val" and "eval" (`train.eval_every`), each in file
+    order; corrupt or truncated lines are skipped (warned). A record without a kind is "train"."""
+    out: dict[str, list[dict]] = {"train": [], "val": [], "eval": []}
     for rec in read_jsonl(Path(run_dir) / METRICS, warnings=warnings):
-        kind = rec.get("kind")
-        if kind == "val":
-            val.append(rec)
-        elif kind != "eval":
-            train.append(rec)
-    return train, val
+        out.setdefault(rec.get("kind") or "train", []).append(rec)
+    return out
 
 
-def read_eval_records(run_dir: str | Path, warnings: list[str] | None = None) -> list[dict]:
-    """The run's in-training GenEval records (`train.eval_every`), in step order."""
-    return [r for r in read_jsonl(Path(run_dir) / METRICS, warnings=warnings) if r.get("kind") == "eval"]
+def read_metrics(run_dir: str | Path, warnings: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train records, val records) of a run."""
+    records = read_records(run_dir, warnings)
+    return records["train"], records["val"]
 
 
 def require_dir(path: str | Path, what: str = "directory") -> Path:

@@ -108,13 +108,10 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
     if progress is not None:
         progress.start()
         overall = progress.add_task("study", total=len(points), completed=len(points) - len(pending), loss="", ips="")
-    started = iter(range(1, len(pending) + 1))
-
-    def train_point(cfg, run_dir: Path):
+    def train_point(point, cfg):
         if plain and not quiet:
-            point = next(p for p in pending if p.run_dir == run_dir)
-            console.print(f"[{next(started)}/{len(pending)}] {point.run_id} ({point.status})", markup=False)
-        return _train_one(cfg, run_dir, nproc, hostfile, launcher, quiet, display_progress=progress)
+            console.print(f"[{pending.index(point) + 1}/{len(pending)}] {point.run_id} ({point.status})", markup=False)
+        return _train_one(cfg, point.run_dir, nproc, hostfile, launcher, quiet, display_progress=progress)
 
     outcomes, failed = [], []
     try:

@@ -189,8 +189,8 @@ def _collect_run(
     except EcditError as err:
         warnings.append(f"{err}; status taken from the metrics")
         summary, status = {}, "pending"
-    train, val = rundir.read_metrics(run, warnings=warnings)
-    train, val = _dedup(train), _dedup(val)
+    records = rundir.read_records(run, warnings=warnings)
+    train, val, evals = (_dedup(records[k]) for k in ("train", "val", "eval"))
     if status == "pending" and (train or val):
         # Logged but no summary yet: the trainer died before its first summary write.
         status = "running" if rundir.lock_is_held(run) else "interrupted"
@@ -218,7 +218,6 @@ def _collect_run(
     out["status"] = status
     out["error"] = summary.get("error") or ""
     out.update(_read_eval(run, warnings))
-    evals = _dedup(rundir.read_eval_records(run, warnings=[]))  # corrupt lines: warned once, above
     _curve_rows(rid, train + val + evals, out["flops_per_image"], curves)
     out["_logged"] = bool(train or val or summary)
     return out

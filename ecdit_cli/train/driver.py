@@ -22,6 +22,7 @@ from ecdit_cli.train.records import (
     TrainingFailed,
     TrainingInterrupted,
     check_resume_compatible,
+    start_info,
     write_failed,
 )
 
@@ -63,15 +64,8 @@ def plan(cfg: RunConfig, run_dir: Path, nproc: int = 1, hostfile: str | Path | N
     precision = resolve_precision(cfg, device)
     micro, accum = batch_layout(cfg, nproc)
     acc = count(cfg, vocab_size(cfg))  # the vocabulary sizes the learned text encoder, as in the run
-    info = {
-        "run_id": cfg.name, "run_dir": str(run_dir), "routing": cfg.moe.routing, "steps": cfg.train.steps,
-        "start_step": 0, "world_size": nproc, "device": device, "precision": precision,
-        "zero_stage": cfg.train.zero_stage, "ep_size": cfg.moe.ep_size, "images_per_step": cfg.train.batch_size,
-        "micro_batch_size": micro, "grad_accum": accum,
-        "tokens_per_step": cfg.train.batch_size * cfg.model.tokens_per_image,
-        "params_total": acc.params_total, "params_active": acc.params_active, "params_text": acc.params_text,
-        "flops_per_image": acc.flops_per_image, "flops_per_step": 3 * acc.flops_per_image * cfg.train.batch_size,
-    }
+    info = start_info(cfg, acc, run_dir=run_dir, run_id=cfg.name, start_step=0, world_size=nproc, micro=micro,
+                      accum=accum, device=device, precision=precision)
     launched = nproc > 1 or hostfile is not None
     return {
         "info": info,
@@ -140,7 +134,7 @@ def study_points(study: Path, only: str | None = None) -> list[StudyPoint]:
     return points
 
 
-def train_points(points: list[StudyPoint], train_point: Callable[[RunConfig, Path], RunOutcome]
+def train_points(points: list[StudyPoint], train_point: Callable[[StudyPoint, RunConfig], RunOutcome]
                  ) -> Iterator[tuple[StudyPoint, RunOutcome]]:
     """Train each point that is not done with `train_point`, yielding its outcome; stops after
     an interrupted one. A point that fails on bad input is marked failed and the study goes on."""
@@ -149,7 +143,7 @@ def train_points(points: list[StudyPoint], train_point: Callable[[RunConfig, Pat
             continue
         cfg = load_run_config(point.run_dir)
         try:
-            outcome = train_point(cfg, point.run_dir)
+            outcome = train_point(point, cfg)
         except EcditError as err:
             write_failed(point.run_dir, cfg, str(err))
             outcome = RunOutcome("failed", str(err), bad_input=True)

@@ -39,6 +39,7 @@ from ecdit_cli.train.records import (
     Window,
     check_resume_compatible,
     now_iso,
+    start_info,
     tail_records,
     write_failed,
 )
@@ -183,17 +184,9 @@ class _Run:
             (self.last_val if rec.get("kind") == "val" else self.last_train).update(rec)
 
     def start(self) -> None:
-        cfg, acc, dist = self.cfg, self.acc, self.dist
-        self.info = {
-            "run_dir": str(self.run_dir), "run_id": cfg.name or self.run_dir.name, "routing": cfg.moe.routing,
-            "steps": cfg.train.steps, "start_step": self.step_done, "world_size": dist.world_size,
-            "micro_batch_size": self.micro, "grad_accum": self.accum, "images_per_step": cfg.train.batch_size,
-            "tokens_per_step": cfg.train.batch_size * cfg.model.tokens_per_image,
-            "params_total": acc.params_total, "params_active": acc.params_active, "params_text": acc.params_text,
-            "flops_per_image": acc.flops_per_image, "flops_per_step": 3 * acc.flops_per_image * cfg.train.batch_size,
-            "device": str(self.engine.device), "precision": self.precision, "zero_stage": cfg.train.zero_stage,
-            "ep_size": cfg.moe.ep_size,
-        }
+        self.info = start_info(self.cfg, self.acc, run_dir=self.run_dir, run_id=self.cfg.name or self.run_dir.name,
+                               start_step=self.step_done, world_size=self.dist.world_size, micro=self.micro,
+                               accum=self.accum, device=str(self.engine.device), precision=self.precision)
         self.write_summary("running")
         self.log(f"start: {self.info}")
         self.cb.on_start(self.info)

@@ -111,6 +111,20 @@ class Window:
         return cls(dict(s["sums"]), int(s["steps"]), int(s["images"]), float(s["seconds"]))
 
 
+def start_info(cfg: RunConfig, acc: Any, *, run_dir: Path, run_id: str, start_step: int, world_size: int,
+               micro: int, accum: int, device: str, precision: str) -> dict[str, Any]:
+    """What a run states at its start (train.log, the progress header, `--dry-run`)."""
+    B = cfg.train.batch_size
+    return {
+        "run_dir": str(run_dir), "run_id": run_id, "routing": cfg.moe.routing, "steps": cfg.train.steps,
+        "start_step": start_step, "world_size": world_size, "micro_batch_size": micro, "grad_accum": accum,
+        "images_per_step": B, "tokens_per_step": B * cfg.model.tokens_per_image,
+        "params_total": acc.params_total, "params_active": acc.params_active, "params_text": acc.params_text,
+        "flops_per_image": acc.flops_per_image, "flops_per_step": 3 * acc.flops_per_image * B,
+        "device": device, "precision": precision, "zero_stage": cfg.train.zero_stage, "ep_size": cfg.moe.ep_size,
+    }
+
+
 def routing_stats(routing: list) -> dict[str, float]:
     """Averages over MoE layers of each router's scalar statistics."""
     if not routing:
