@@ -16,6 +16,10 @@ from ecdit_cli.errors import EcditError
 from ecdit_cli.files import io_error
 
 
+class LockHeld(EcditError):
+    """The run directory is being trained by another live process."""
+
+
 class RunLock:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -35,7 +39,7 @@ class RunLock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             finally:
                 os.close(fd)
-            raise EcditError(
+            raise LockHeld(
                 f"{self.path.parent} is already being trained by another process"
                 + (f" ({holder})" if holder else "")
                 + "; wait for it to finish or stop it first"

@@ -227,3 +227,25 @@ def test_tables_read_back_have_the_axes_they_were_collected_with(study):
     collected = collect(study.root)
     assert read_collected(study.root).axes == collected.axes
     assert "dense_width_mult" not in collected.axes
+
+
+def test_a_run_without_eval_json_takes_its_scores_from_its_own_final_step_eval(study):
+    # train.eval_every logs GenEval (and FD-scenes with train.eval_fd) as records of kind "eval";
+    # only the one at the final step stands for the run, and an eval.json still wins.
+    rid, other = study.done[0], study.done[1]
+    for r in (rid, other):
+        (study.root / "runs" / r / "eval.json").unlink(missing_ok=True)
+        metrics = study.root / "runs" / r / "metrics.jsonl"
+        kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["kind"] != "eval"]
+        metrics.write_text("\n".join(kept) + "\n")
+        with open(metrics, "a") as f:
+            for step, score in ((STEPS // 2, 0.1), (STEPS if r == rid else STEPS - 1, 0.25)):
+                f.write(json.dumps({"kind": "eval", "step": step, "geneval_overall": score,
+                                    "geneval_counting": score / 2, "fd_scenes": 40.0 + step,
+                                    "fd_scenes_floor": 3.0}) + "\n")
+    runs = collect(study.root).runs.set_index("run_id")
+    assert runs.loc[rid, "eval_overall"] == 0.25 and runs.loc[rid, "eval_counting"] == 0.125
+    assert runs.loc[rid, "eval_fd_scenes"] == 40.0 + STEPS and runs.loc[rid, "eval_fd_scenes_floor"] == 3.0
+    assert pd.isna(runs.loc[other, "eval_overall"])  # its last eval was not at the final step
+    with_json = [r for r in study.done if (study.root / "runs" / r / "eval.json").exists()]
+    assert with_json and runs.loc[with_json, "eval_overall"].notna().all()

@@ -55,6 +55,7 @@ def test_override_values_are_parsed_as_yaml():
     (["moe.routing=expert_choice", "moe.dense_width_mult=1.5"], "moe.dense_width_mult=1.5 is invalid: only applies to routing=dense"),
     (["preset=smal"], "unknown preset 'smal' (did you mean 'small'?)"),
     (["moe.top_k"], "expected KEY=VALUE"),
+    (["train.eval_fd=true"], "train.eval_fd=True is invalid: needs train.eval_every > 0"),
 ])
 def test_a_bad_value_gets_one_line_naming_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from ecdit_cli.errors import EcditError
 from ecdit_cli.evaluate import fd_scenes as fd
@@ -54,5 +55,17 @@ def test_fd_ranks_rendered_scenes_below_noisy_ones_below_blank_images(net):
 
 
 def test_an_image_side_the_grid_does_not_divide_is_a_clear_error():
-    with pytest.raises(EcditError, match="multiple of 8"):
-        fd.train_scene_net(20, images=10, steps=1)
+    for side in (20, 48, 128):
+        with pytest.raises(EcditError, match="16, 32 or 64"):
+            fd.train_scene_net(side, images=10, steps=1)
+
+
+def test_every_supported_side_maps_to_the_same_target_grid():
+    # The heads must line up with targets(): one GRID x GRID map whatever the image side.
+    from ecdit_cli.data.scenes import COLORS, SHAPES
+
+    for side in (16, 32, 64):
+        net = fd.SceneNet(len(COLORS), len(SHAPES), size=side)
+        occ, shape, color = net(torch.zeros(2, 3, side, side))
+        assert occ.shape[-2:] == shape.shape[-2:] == color.shape[-2:] == (fd.GRID, fd.GRID)
+        assert net.features(torch.zeros(2, 3, side, side)).shape == (2, 4 * 2 * fd.WIDTH)

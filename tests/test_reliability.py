@@ -140,6 +140,47 @@ def test_an_interrupted_sweep_resumes_to_the_state_of_an_uninterrupted_sweep(tmp
         assert metrics(tmp_path / "cut" / rundir.RUNS / run_id) == metrics(tmp_path / "ref" / rundir.RUNS / run_id)
 
 
+def test_two_trainers_share_a_study_a_held_point_is_passed_over_untouched(tmp_path):
+    from ecdit_cli.study.spec import load_spec, make_sweep, write_study
+    from ecdit_cli.train.driver import RunOutcome, study_exit_code, study_points, train_points
+
+    spec = {"name": "r", "base": _nested(BASE + ["train.steps=4"]),
+            "grid": {"size": ["debug"], "routing": ["dense", "expert_choice"], "num_experts": [4]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    write_study(load_spec(tmp_path / "s.yaml"), make_sweep(load_spec(tmp_path / "s.yaml")), tmp_path / "st")
+    held_dir = tmp_path / "st" / rundir.RUNS / "debug-dense-s0"
+    (held_dir / rundir.SUMMARY).write_text(json.dumps({"status": "running", "step": 2}))
+    lock = RunLock(held_dir / rundir.LOCK)  # the other trainer, still alive
+    lock.acquire()
+    trained = []
+
+    def train_point(point, cfg):
+        trained.append(point.run_id)
+        return RunOutcome("done") if train(cfg, point.run_dir)["status"] == "done" else RunOutcome("failed")
+
+    try:
+        points = study_points(tmp_path / "st")
+        # Both start pending from this trainer's view; the first is taken by the other one meanwhile.
+        points[0].status = "pending"
+        outcomes = dict((p.run_id, o) for p, o in train_points(points, train_point))
+    finally:
+        lock.release()
+    assert outcomes["debug-dense-s0"].status == "skipped" and outcomes["debug-ec-e4-s0"].status == "done"
+    assert trained == ["debug-ec-e4-s0"]
+    assert json.loads((held_dir / rundir.SUMMARY).read_text()) == {"status": "running", "step": 2}
+    assert study_exit_code(list(outcomes.values())) == 0
+
+    # Losing the race for the lock itself (both saw the point free) is a skip too, never "failed".
+    lock.acquire()
+    try:
+        (held_dir / rundir.SUMMARY).unlink()  # pending: nothing tells this trainer the point is taken
+        [(_, o)] = list(train_points(study_points(tmp_path / "st")[:1], train_point))
+    finally:
+        lock.release()
+    assert o.status == "skipped" and "already being trained" in o.message
+    assert not (held_dir / rundir.SUMMARY).exists()
+
+
 def _nested(overrides):
     from ecdit_cli.config import overrides_to_dict
 

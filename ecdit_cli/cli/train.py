@@ -113,10 +113,12 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
             console.print(f"[{pending.index(point) + 1}/{len(pending)}] {point.run_id} ({point.status})", markup=False)
         return _train_one(cfg, point.run_dir, nproc, hostfile, launcher, quiet, display_progress=progress)
 
-    outcomes, failed = [], []
+    outcomes, failed, skipped = [], [], []
     try:
         for point, outcome in train_points(points, train_point):
             outcomes.append(outcome)
+            if outcome.status == "skipped":
+                skipped.append(point.run_id)
             if outcome.status == "failed":
                 failed.append(point.run_id)
                 if outcome.bad_input:  # other failures were printed as they happened
@@ -131,6 +133,9 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
         err_console.print(f"study interrupted; resume with: ecdit train --sweep {study}")
     elif failed:
         err_console.print(f"{len(failed)} point(s) failed: {', '.join(failed)} (see `ecdit status {study}`)")
+    elif skipped:
+        console.print(f"study {study}: {len(points) - len(skipped)} point(s) done, {len(skipped)} trained by "
+                      f"another process ({(time.time() - t0) / 60:.1f} min this session)")
     else:
         console.print(f"study {study}: all {len(points)} point(s) done ({(time.time() - t0) / 60:.1f} min this session)")
     return code

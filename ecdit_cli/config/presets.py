@@ -50,6 +50,9 @@ def _cpu(hidden: int, depth: int, heads: int, kv_heads: int, text_width: int) ->
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # CPU family: 32x32 pixels, patch 4 (64 tokens), head dim 16-32.
     "debug": _cpu(hidden=32, depth=2, heads=2, kv_heads=1, text_width=32),
+    # mini sits between debug and tiny so that a study has five CPU sizes below medium
+    # (65K to 3.3M activated parameters: sweeps/reference.yaml).
+    "mini": _cpu(hidden=48, depth=3, heads=3, kv_heads=1, text_width=48),
     "tiny": _cpu(hidden=64, depth=4, heads=4, kv_heads=2, text_width=64),
     "small": _cpu(hidden=96, depth=6, heads=4, kv_heads=2, text_width=64),
     "medium": _cpu(hidden=128, depth=8, heads=4, kv_heads=2, text_width=96),

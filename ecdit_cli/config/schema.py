@@ -235,6 +235,7 @@ class TrainConfig:
     eval_per_tag: int = 2  # prompts per GenEval task in that subset (fixed prompts, fixed sampling seed)
     eval_images: int = 2  # images per prompt in that subset
     eval_cfg: float = DEFAULT_CFG_SCALE  # classifier-free guidance scale of that subset's sampling
+    eval_fd: bool = False  # also FD-scenes of that subset (its scene network trains once, then is cached)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
@@ -303,6 +304,9 @@ class RunConfig:
             )
         elif self.data.source == "fashion_mnist":
             _require(m.in_channels in (1, 3), "model.in_channels", m.in_channels, "fashion_mnist allows 1 or 3")
+        if self.train.eval_fd:
+            _require(self.train.eval_every > 0, "train.eval_fd", self.train.eval_fd,
+                     "needs train.eval_every > 0 (FD-scenes is computed on that GenEval subset's images)")
         if self.train.eval_every:
             _require(self.data.source == "scenes", "train.eval_every", self.train.eval_every,
                      f"needs data.source=scenes (GenEval's detector reads the built-in scenes; got {self.data.source})")

@@ -51,18 +51,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ECDIT_CACHE_DIR") or Path.home() / ".cache" / "ecdit")
 
 
-class SceneNet(nn.Module):
-    """Images (B, 3, H, W) in [0, 1] -> a (B, 2W, H/4, W/4) map with three 1x1 heads."""
+def downsamplings(size: int) -> int:
+    """Stride-2 blocks that take a side of `size` to the GRID x GRID target map (2 at 32 px)."""
+    n = (size // GRID).bit_length() - 1
+    if size % GRID or size != GRID << n or not 16 <= size <= 64:
+        raise EcditError(f"FD-scenes needs an image side of 16, 32 or 64 (the {GRID}x{GRID} target map "
+                         f"times a power of 2), got {size}")
+    return n
 
-    def __init__(self, num_colors: int, num_shapes: int, width: int = WIDTH) -> None:
+
+class SceneNet(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> a (B, 2W, GRID, GRID) map with three 1x1 heads.
+
+    The trunk has five 3x3 conv blocks; as many of them as `downsamplings(size)` asks stride by 2
+    (the 2nd and 4th at 32 px, only the 2nd at 16 px), so every size maps to the same grid."""
+
+    def __init__(self, num_colors: int, num_shapes: int, width: int = WIDTH, size: int = 32) -> None:
         super().__init__()
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GELU())
 
-        w = width
-        self.trunk = nn.Sequential(block(3, w, 1), block(w, w, 2), block(w, 2 * w, 1), block(2 * w, 2 * w, 2),
-                                   block(2 * w, 2 * w, 1))
+        w, down = width, downsamplings(size)
+        strides = [1, 2, 1, 2 if down >= 2 else 1, 2 if down >= 3 else 1]
+        self.trunk = nn.Sequential(block(3, w, strides[0]), block(w, w, strides[1]), block(w, 2 * w, strides[2]),
+                                   block(2 * w, 2 * w, strides[3]), block(2 * w, 2 * w, strides[4]))
         self.occupancy = nn.Conv2d(2 * w, num_colors, 1)  # per colour: covers this cell?
         self.shape = nn.Conv2d(2 * w, 1 + num_shapes, 1)  # no object centre here, or its shape
         self.color = nn.Conv2d(2 * w, num_colors, 1)  # the colour of the object centred here
@@ -121,8 +134,7 @@ def train_scene_net(size: int, images: int | None = None, steps: int | None = No
     images = TRAIN_IMAGES if images is None else images
     steps = TRAIN_STEPS if steps is None else steps
 
-    if size % GRID or not 16 <= size <= 64:
-        raise EcditError(f"FD-scenes needs an image side in 16..64 that is a multiple of {GRID}, got {size}")
+    downsamplings(size)  # a clear error for a side the network cannot map to its grid
     spec = SceneSpec(size)
     x, _, metas, _ = render_batch(spec, seed, "train", 0, images)
     vx, _, vmetas, _ = render_batch(spec, seed, "val", 0, 1000)
@@ -131,7 +143,7 @@ def train_scene_net(size: int, images: int | None = None, steps: int | None = No
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = SceneNet(len(COLORS), len(SHAPES))
+        net = SceneNet(len(COLORS), len(SHAPES), size=size)
     opt = torch.optim.AdamW(net.parameters(), lr=LR)
     net.train()
     for step in range(steps):
@@ -166,7 +178,7 @@ def load_scene_net(size: int, on_progress: Callable[[int, int], None] | None = N
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            net = SceneNet(len(COLORS), len(SHAPES))
+            net = SceneNet(len(COLORS), len(SHAPES), size=size)
             net.load_state_dict(blob["state_dict"])
             net.eval()
             return TrainedNet(net, size, *(float(blob[k]) for k in accs))

@@ -2,7 +2,8 @@
 
 `collect(dir)` reads the layout of `rundir.py`: the manifest gives each run's sweep axes and
 parameter/FLOP accounting, `summary.json` its status and final numbers, `metrics.jsonl` its
-curves and `eval.json` (when present) its GenEval-style scores. A single run directory is
+curves and `eval.json` (when present; else the run's own GenEval of its final step,
+`train.eval_every`) its GenEval-style scores. A single run directory is
 accepted too: its axes then come from its config.yaml and the tables are written into it.
 Beyond the listed columns, runs.csv has `val_t0..K-1` (the timesteps of `final_val_loss_t*`),
 `eval_prompts_with_any_correct` and, when the eval computed them, `eval_fd_scenes` and
@@ -174,6 +175,22 @@ def _read_eval(run: Path, warnings: list[str]) -> dict[str, float]:
     return out
 
 
+def _final_eval_record(evals: list[dict], steps: float) -> dict[str, float]:
+    """The eval_* columns from the run's in-training GenEval (`train.eval_every`) at its final step,
+    for runs without an eval.json; {} when the run has not evaluated its final weights."""
+    if not evals or _num(evals[-1].get("step")) != steps:
+        return {}
+    last = evals[-1]
+    out = {"eval_overall": _num(last.get("geneval_overall"))}
+    for tag in EVAL_TASKS:
+        if f"geneval_{tag}" in last:
+            out[f"eval_{tag}"] = _num(last[f"geneval_{tag}"])
+    for key in ("fd_scenes", "fd_scenes_floor"):
+        if key in last:
+            out[f"eval_{key}"] = _num(last[key])
+    return out
+
+
 def _collect_run(
     run: Path, row: dict[str, Any], axes: list[str], warnings: list[str], curves: dict[str, list]
 ) -> dict[str, Any]:
@@ -217,7 +234,7 @@ def _collect_run(
     out["wall_time_s"] = _first(summary.get("wall_time_s"), last_train.get("wall_time_s"))
     out["status"] = status
     out["error"] = summary.get("error") or ""
-    out.update(_read_eval(run, warnings))
+    out.update(_read_eval(run, warnings) or _final_eval_record(evals, out["steps"]))
     _curve_rows(rid, train + val + evals, out["flops_per_image"], curves)
     out["_logged"] = bool(train or val or summary)
     return out

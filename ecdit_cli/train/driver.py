@@ -17,6 +17,7 @@ from typing import Any
 from ecdit_cli import rundir
 from ecdit_cli.config import RunConfig, load_run_config, save_config
 from ecdit_cli.errors import ConfigError, EcditError
+from ecdit_cli.lock import LockHeld
 from ecdit_cli.train.records import (
     Callbacks,
     TrainingFailed,
@@ -26,12 +27,13 @@ from ecdit_cli.train.records import (
     write_failed,
 )
 
-EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130}
+# "skipped": a point another live trainer of the same study holds; it does not fail the study.
+EXIT_CODES = {"done": 0, "skipped": 0, "failed": 1, "interrupted": 130}
 
 
 @dataclass
 class RunOutcome:
-    status: str  # done, failed or interrupted
+    status: str  # done, failed, interrupted or skipped (held by another trainer)
     message: str = ""  # why it failed or stopped ('' when done)
     bad_input: bool = False  # failed before training, on an error in its config or files
 
@@ -137,13 +139,23 @@ def study_points(study: Path, only: str | None = None) -> list[StudyPoint]:
 def train_points(points: list[StudyPoint], train_point: Callable[[StudyPoint, RunConfig], RunOutcome]
                  ) -> Iterator[tuple[StudyPoint, RunOutcome]]:
     """Train each point that is not done with `train_point`, yielding its outcome; stops after
-    an interrupted one. A point that fails on bad input is marked failed and the study goes on."""
+    an interrupted one. A point that fails on bad input is marked failed and the study goes on.
+
+    Several trainers may share one study (`make reference` runs two): a point is re-checked
+    just before it starts, and one that another live process holds (its lock) is passed over
+    with the outcome "skipped", its files untouched."""
     for point in points:
         if point.status == "done":
+            continue
+        point.status = rundir.run_status(point.run_dir)  # another trainer may have moved it on
+        if point.status == "done" or (point.status == "running" and rundir.lock_is_held(point.run_dir)):
+            yield point, RunOutcome("skipped", "trained by another process")
             continue
         cfg = load_run_config(point.run_dir)
         try:
             outcome = train_point(point, cfg)
+        except LockHeld as err:  # lost the race for the lock to another trainer
+            outcome = RunOutcome("skipped", str(err))
         except EcditError as err:
             write_failed(point.run_dir, cfg, str(err))
             outcome = RunOutcome("failed", str(err), bad_input=True)

@@ -234,7 +234,7 @@ class _Run:
             return
         import contextlib
 
-        from ecdit_cli.evaluate.eval_run import eval_model
+        from ecdit_cli.evaluate.eval_run import eval_model, fd_scores
 
         t, module = self.cfg.train, self.engine.module
         was_training = module.training
@@ -243,13 +243,17 @@ class _Run:
         with weights:
             module.eval()
             try:
-                _, _, scores = eval_model(module, self.cfg, n=t.eval_images, cfg_scale=t.eval_cfg,
-                                          per_tag=t.eval_per_tag, seed=EVAL_SEED)
+                prompts, images, scores = eval_model(module, self.cfg, n=t.eval_images, cfg_scale=t.eval_cfg,
+                                                     per_tag=t.eval_per_tag, seed=EVAL_SEED)
             finally:
                 module.train(was_training)
+        fd = {}
+        if t.eval_fd:
+            fd = {k: v for k, v in fd_scores(images, prompts).items() if k in ("fd_scenes", "fd_scenes_floor")}
         self.record("eval", {"geneval_overall": scores["overall"],
-                             **{f"geneval_{tag}": v for tag, v in scores["tags"].items()},
-                             "eval_images": scores["num_images"], "eval_seconds": time.time() - t0})
+                             **{f"geneval_{tag}": v for tag, v in scores["tags"].items()}, **fd,
+                             "eval_images": scores["num_images"], "eval_cfg": t.eval_cfg,
+                             "eval_seconds": time.time() - t0})
 
     def save_checkpoint(self) -> None:
         client = {"step": self.step_done, "images_seen": self.images_seen, "bad_steps": self.bad_steps,
