@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "train"),
     ("sweep", "sweep", "sweep"),
     ("status", "sweep", "status"),
+    ("archive", "archive", "archive"),
     ("collect", "analysis", "collect"),
     ("fit", "analysis", "fit"),
     ("plot", "analysis", "plot"),

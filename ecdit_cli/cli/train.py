@@ -25,6 +25,7 @@ def train(
     only: Annotated[Optional[str], typer.Option(help="With --sweep: run ids to train (glob patterns, comma-separated).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config, derived numbers and launch command; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; one line per logged step only on errors.")] = False,
+    archive: Annotated[Optional[Path], typer.Option(help="With --sweep: record archive (see `ecdit archive`): take its finished points, add each point that finishes.")] = None,
 ) -> None:
     """Train a run on DeepSpeed (dense, token choice or expert choice); re-running resumes it."""
     from ecdit_cli.errors import EcditError
@@ -32,10 +33,10 @@ def train(
     if sweep is not None:
         if config is not None or set_:
             raise EcditError("--sweep trains the study's own configs: drop the CONFIG argument and --set")
-        exit_with(_train_sweep(sweep, only, nproc, hostfile, launcher, quiet, dry_run))
+        exit_with(_train_sweep(sweep, only, nproc, hostfile, launcher, quiet, dry_run, archive))
         return
-    if only is not None:
-        raise EcditError("--only needs --sweep DIR")
+    if only is not None or archive is not None:
+        raise EcditError(f"{'--only' if only is not None else '--archive'} needs --sweep DIR")
     overrides = list(set_ or [])
     if ep is not None:
         overrides.append(f"moe.ep_size={ep}")
@@ -90,10 +91,14 @@ def _esc(msg: str) -> str:
 
 
 def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optional[Path], launcher: str,
-                 quiet: bool, dry_run: bool) -> int:
+                 quiet: bool, dry_run: bool, archive: Optional[Path] = None) -> int:
+    from ecdit_cli.cli.archive import print_sync
     from ecdit_cli.cli.progress import console, err_console, make_progress
+    from ecdit_cli.study import archive as records
     from ecdit_cli.train.driver import study_exit_code, study_points, train_points
 
+    if archive is not None and not dry_run:
+        print_sync(records.import_archived(study, archive), archive, quiet_when_empty=True)
     points = study_points(study, only)
     pending = [p for p in points if p.status != "done"]
     console.print(f"study {study}: {len(points)} point(s), {len(points) - len(pending)} done, {len(pending)} to train")
@@ -119,6 +124,8 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
             outcomes.append(outcome)
             if outcome.status == "skipped":
                 skipped.append(point.run_id)
+            if archive is not None and outcome.status == "done":
+                records.export_run(point.run_dir, archive)
             if outcome.status == "failed":
                 failed.append(point.run_id)
                 if outcome.bad_input:  # other failures were printed as they happened
@@ -128,6 +135,8 @@ def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optiona
     finally:
         if progress is not None:
             progress.stop()
+    if archive is not None:
+        records.export_done(study, archive)  # also the points this process did not train
     code = study_exit_code(outcomes)
     if code == 130:
         err_console.print(f"study interrupted; resume with: ecdit train --sweep {study}")

@@ -10,6 +10,7 @@ The names below are the package's interface; import them from `ecdit_cli.config`
 """
 
 from ecdit_cli.config.load import (
+    config_changes,
     load_run_config,
     load_yaml,
     resolve_config,
@@ -31,6 +32,6 @@ from ecdit_cli.config.schema import (
 
 __all__ = [
     "PRESETS", "ROUTINGS", "ROUTING_ABBREV", "DataConfig", "ModelConfig", "MoEConfig", "RunConfig", "TextConfig",
-    "TrainConfig", "config_from_dict", "deep_merge", "load_run_config", "load_yaml", "nest", "overrides_to_dict",
+    "TrainConfig", "config_changes", "config_from_dict", "deep_merge", "load_run_config", "load_yaml", "nest", "overrides_to_dict",
     "parse_override", "preset_overrides", "resolve_config", "resolve_named_config", "save_config",
 ]

@@ -93,6 +93,20 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_text(path, cfg.to_yaml())
 
 
+def config_changes(old: RunConfig, new: RunConfig, ignore: set[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+    """The dotted keys (e.g. "train.steps") whose values differ between two configs, sorted,
+    as (key, old value, new value); keys in `ignore` are left out."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in ignore]
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """Read a run directory's `config.yaml` (or a config file), checking the format version."""
     p = Path(path)

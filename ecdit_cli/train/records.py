@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ecdit_cli import rundir
-from ecdit_cli.config import RunConfig, load_run_config
+from ecdit_cli.config import RunConfig, config_changes, load_run_config
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import atomic_write_json
 
@@ -45,28 +45,17 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train
                      "train.eval_cfg", "train.eval_fd"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_compatible(cfg: RunConfig, run_dir: Path) -> None:
     """A run directory's config may only change in the keys of RESUMABLE_CHANGES."""
     path = run_dir / rundir.CONFIG
     if not path.exists():
         return
     old = load_run_config(path)  # also refuses a run directory of another format version
-    a, b = _flat(old.to_dict()), _flat(cfg.to_dict())
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES | {"name"})
+    changed = config_changes(old, cfg, RESUMABLE_CHANGES | {"name"})
     if changed:
-        k = changed[0]
+        k, there, now = changed[0]
         raise EcditError(
-            f"{run_dir} holds a run with a different config ({k}: {a.get(k)!r} there, {b.get(k)!r} now"
+            f"{run_dir} holds a run with a different config ({k}: {there!r} there, {now!r} now"
             + (f"; {len(changed) - 1} more" if len(changed) > 1 else "")
             + "); use another --out directory or the same config"
         )
