@@ -10,11 +10,13 @@ STAMP := $(VENV)/.ecdit-installed
 DEMO_DIR ?= results/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint bench bench-gpu clean help
+.PHONY: install test demo reference lint bench bench-gpu clean help
 
 help:
 	@echo "make demo   install, then run the demo study end to end (sweep, train, plot)"
 	@echo "make test   install, then run the test suite"
+	@echo "make reference  train the reference study (about 75 min on 2 cores; resumable, takes the points"
+	@echo "                committed under docs/reference/runs) and rewrite docs/reference/"
 	@echo "make lint   ruff over the package and the tests"
 	@echo "make bench  MoE layer, training step, whole loop and data benchmarks (writes results/bench/)"
 
@@ -36,6 +38,10 @@ demo: install
 	$(VENV)/bin/ecdit sweep sweeps/demo.yaml -o $(DEMO_DIR)
 	$(VENV)/bin/ecdit train --sweep $(DEMO_DIR)
 	$(VENV)/bin/ecdit plot $(DEMO_DIR)
+
+# REF_JOBS workers x REF_THREADS threads each; REF_DIR holds checkpoints, docs/reference the records.
+reference: install
+	ECDIT=$(VENV)/bin/ecdit PYTHON=$(PY) bash scripts/reference.sh
 
 lint: install
 	$(VENV)/bin/ruff check ecdit_cli tests

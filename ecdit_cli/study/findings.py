@@ -26,6 +26,9 @@ import numpy as np
 import pandas as pd
 
 from ecdit_cli.errors import EcditError
+from ecdit_cli.study import gaps
+from ecdit_cli.study.allocation import layer_table
+from ecdit_cli.study.claims import Finding, findings
 from ecdit_cli.study.collect import CollectResult
 from ecdit_cli.study.fit import (
     ChinchillaFit,
@@ -56,6 +59,11 @@ class Analysis:
     speedup: pd.DataFrame  # one row per MoE run with a dense run of the same size
     chinchilla: dict[str, ChinchillaResult | str] = field(default_factory=dict)  # series -> fit or why not
     notes: list[str] = field(default_factory=list)
+    cells: pd.DataFrame = field(default_factory=pd.DataFrame)  # gaps.by_size: per (size, series), over seeds
+    vs_dense: pd.DataFrame = field(default_factory=pd.DataFrame)  # gaps.paired_gaps of every series vs dense
+    head_to_head: pd.DataFrame = field(default_factory=pd.DataFrame)  # each EC series vs each TC series
+    allocation: pd.DataFrame = field(default_factory=pd.DataFrame)  # allocation.layer_table
+    claims: list[Finding] = field(default_factory=list)
 
 
 @dataclass
@@ -152,14 +160,38 @@ def analyse(data: CollectResult, n_boot: int = 200, seed: int = 0) -> Analysis:
                 holdout[x][s] = f"{n_sizes} size(s) done; the check needs at least {MIN_SIZES + 1}"
             else:
                 try:
-                    holdout[x][s] = holdout_largest(xs, ys, n_boot=0, seed=seed, group=s)
+                    holdout[x][s] = holdout_largest(xs, ys, n_boot=n_boot, seed=seed, group=s)
                 except FitError as err:
                     holdout[x][s] = str(err)
     notes: list[str] = []
     effective = _effective(runs, series, routing, fits["params_active"], notes)
     speedup = _speedups(data, series, routing)
     chinchilla = _chinchilla(data, series, routing, n_boot=min(n_boot, 50), seed=seed)
-    return Analysis(fits, holdout, effective, speedup, chinchilla, notes)
+    cells = gaps.by_size(runs, data.axes)
+    vs_dense, head_to_head = _comparisons(runs, data.axes, cells)
+    allocation, warnings = layer_table(data.study_dir)
+    notes += warnings
+    claims = findings(runs, data.axes, speedup, allocation)
+    return Analysis(fits, holdout, effective, speedup, chinchilla, notes, cells, vs_dense, head_to_head,
+                    allocation, claims)
+
+
+def _comparisons(runs: pd.DataFrame, axes: list[str], cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every series against the dense one (when there is exactly one), and every expert-choice
+    series against every token-choice series, at the sizes they share."""
+    empty = pd.DataFrame(columns=gaps.GAP_COLUMNS)
+    if cells.empty:
+        return empty, empty
+    kinds = cells.drop_duplicates("series").set_index("series")["routing"]
+    dense = [s for s, r in kinds.items() if r == "dense"]
+    vs_dense = [gaps.paired_gaps(runs, axes, s, dense[0]) for s, r in kinds.items() if r != "dense"] if len(
+        dense) == 1 else []  # fmt: skip
+    ec = [s for s, r in kinds.items() if r == "expert_choice"]
+    tc = [s for s, r in kinds.items() if r == "token_choice"]
+    pairs = [gaps.paired_gaps(runs, axes, a, b) for a in ec for b in tc]
+    join = lambda frames: pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(  # noqa: E731
+        not f.empty for f in frames) else empty  # fmt: skip
+    return join(vs_dense), join(pairs)
 
 
 def _effective(runs, series, routing, fits, notes) -> pd.DataFrame:

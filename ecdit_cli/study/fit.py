@@ -363,6 +363,8 @@ class HoldoutResult:
     actual: float  # mean loss at x_held (there may be repeats)
     rel_error: float  # (predicted - actual) / actual, signed
     fit: PowerLawFit  # the fit without x_held
+    # 95% bootstrap band of the prediction, as relative errors (NaN without bootstrap refits)
+    rel_error_ci: tuple[float, float] = (math.nan, math.nan)
 
 
 def holdout_largest(x, y, **fit_kwargs) -> HoldoutResult:
@@ -376,7 +378,11 @@ def holdout_largest(x, y, **fit_kwargs) -> HoldoutResult:
     top = x == x.max()
     fit = fit_power_law(x[~top], y[~top], **{"n_boot": 0, **fit_kwargs})
     pred, actual = float(predict(fit, x.max())), float(y[top].mean())
-    return HoldoutResult(float(x.max()), pred, actual, (pred - actual) / actual, fit)
+    ci = (math.nan, math.nan)
+    if not fit.exact and fit.boot is not None and len(fit.boot) >= 2:
+        lo, hi = prediction_band(fit, np.array([x.max()]))
+        ci = ((float(lo[0]) - actual) / actual, (float(hi[0]) - actual) / actual)
+    return HoldoutResult(float(x.max()), pred, actual, (pred - actual) / actual, fit, ci)
 
 
 # ---------------------------------------------------------------------------- tables

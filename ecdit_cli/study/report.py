@@ -25,9 +25,12 @@ from ecdit_cli.errors import EcditError
 from ecdit_cli.files import atomic_write_text
 from ecdit_cli.numbers import sig
 from ecdit_cli.study import collect as collect_mod
+from ecdit_cli.study.allocation import ANALYZE_DIR, pooled
+from ecdit_cli.study.claims import VERDICT_RULES
 from ecdit_cli.study.collect import CollectResult
 from ecdit_cli.study.findings import FIT_X, Analysis, ChinchillaResult, analyse
 from ecdit_cli.study.fit import HoldoutResult, PowerLawFit
+from ecdit_cli.study.gaps import sample_sd
 from ecdit_cli.study.labels import series_labels, size_labels
 
 
@@ -81,15 +84,101 @@ def _fit_table(fits: dict[str, PowerLawFit | str]) -> Table:
 
 
 def _holdout_table(hold: dict[str, HoldoutResult | str], x: str) -> Table:
-    head = ["series", f"held-out {FIT_X[x]}", "predicted loss", "actual loss", "relative error"]
+    head = ["series", f"held-out {FIT_X[x]}", "predicted loss", "actual loss", "relative error",
+            "95% band (relative)"]  # fmt: skip
     rows = []
     for s, h in hold.items():
         if isinstance(h, str):
-            rows.append([s, "—", "—", "—", f"not possible: {h}"])
+            rows.append([s, "—", "—", "—", f"not possible: {h}", "—"])
         else:
+            lo, hi = h.rel_error_ci
+            band = f"[{100 * lo:+.1f}%, {100 * hi:+.1f}%]" if math.isfinite(lo) else "—"
             rows.append(
-                [s, sig(h.x_held), sig(h.predicted), sig(h.actual), f"{100 * h.rel_error:+.2f}%"]
+                [s, sig(h.x_held), sig(h.predicted), sig(h.actual), f"{100 * h.rel_error:+.2f}%", band]
             )
+    return head, rows
+
+
+def _spread(mean: float, sd: float, n: int, pct: bool = False) -> str:
+    """'mean ± sd' over seeds ('mean' alone for one seed)."""
+    if not math.isfinite(mean):
+        return "—"
+    fmt = (lambda v: f"{100 * v:+.1f}%") if pct else sig
+    if n > 1 and math.isfinite(sd):
+        return f"{fmt(mean)} ± {100 * sd:.1f}%" if pct else f"{fmt(mean)} ± {sig(sd, 2)}"
+    return fmt(mean)
+
+
+def _gap_lookup(g: pd.DataFrame) -> dict[tuple[str, str], Any]:
+    return {(str(r.size), str(r.series)): r for r in g.itertuples()}
+
+
+def _cells_table(an: Analysis) -> Table:
+    head = ["size", "series", "seeds", "activated params", "final val loss (mean ± sd)", "range",
+            "vs dense (paired by seed)", "GenEval overall", "FD-scenes"]  # fmt: skip
+    gap = _gap_lookup(an.vs_dense)
+    rows = []
+    for c in an.cells.itertuples():
+        g = gap.get((str(c.size), str(c.series)))
+        rng = f"{sig(c.loss_min)}–{sig(c.loss_max)}" if c.n > 1 else "—"
+        rows.append([str(c.size), c.series, str(c.n), sig(c.params_active, 3), _spread(c.loss_mean, c.loss_sd, c.n),
+                     rng, _spread(g.gap_mean, g.gap_sd, g.n, pct=True) if g is not None else "—",
+                     _pct(c.geneval_mean), sig(c.fd_mean, 4)])  # fmt: skip
+    return head, rows
+
+
+def _pairs_table(pairs: pd.DataFrame) -> Table:
+    head = ["size", "expert choice", "token choice", "seed pairs", "EC loss vs TC (mean ± sd)"]
+    rows = [[str(r.size), r.series, r.reference, str(r.n) if r.paired else f"{r.n} (unpaired means)",
+             _spread(r.gap_mean, r.gap_sd, r.n, pct=True)] for r in pairs.itertuples()]  # fmt: skip
+    return head, rows
+
+
+def _variants_table(an: Analysis) -> Table | None:
+    """Series of one routing at the sizes where it has several (capacity factors, expert counts)."""
+    cells, gap = an.cells, _gap_lookup(an.vs_dense)
+    if cells.empty:
+        return None
+    per = cells.groupby(["routing", "size"], sort=False)["series"].transform("nunique")
+    shared = cells[per > 1]
+    if shared.empty:
+        return None
+    head = ["size", "series", "seeds", "activated params", "training FLOPs", "final val loss", "vs dense",
+            "GenEval overall"]  # fmt: skip
+    rows = []
+    for c in shared.sort_values(["routing"], kind="stable").itertuples():
+        g = gap.get((str(c.size), str(c.series)))
+        rows.append([str(c.size), c.series, str(c.n), sig(c.params_active, 3), sig(c.train_flops, 3),
+                     _spread(c.loss_mean, c.loss_sd, c.n), _spread(g.gap_mean, g.gap_sd, g.n, pct=True)
+                     if g is not None else "—", _pct(c.geneval_mean)])  # fmt: skip
+    return head, rows
+
+
+def _gains_by_size(data: CollectResult, an: Analysis) -> Table:
+    """The per-run multiplier and speed-up, as mean ± sd over the seeds of each (size, series)."""
+    size = dict(zip(data.runs["run_id"].astype(str), size_labels(data.runs, data.axes).astype(str), strict=True))
+    eff = an.effective.assign(size=an.effective["run_id"].astype(str).map(size))
+    head = ["size", "series", "runs", "× per activated param (mean ± sd)", "speed-up in steps (mean ± sd)",
+            "reached the dense loss"]  # fmt: skip
+    rows = []
+    for c in an.cells[an.cells["routing"] != "dense"].itertuples():
+        m = eff[(eff["size"] == str(c.size)) & (eff["series"] == c.series)]
+        m = pd.to_numeric(m["multiplier_active"], errors="coerce").dropna()
+        sp = an.speedup[(an.speedup["size"].astype(str) == str(c.size)) & (an.speedup["series"] == c.series)] \
+            if not an.speedup.empty else an.speedup
+        v = sp["speedup_steps"].dropna() if not sp.empty else pd.Series(dtype=float)
+        mult = _spread(float(m.mean()), sample_sd(m), len(m)) if len(m) else "—"
+        spd = _spread(float(v.mean()), sample_sd(v), len(v)) if len(v) else "—"
+        rows.append([str(c.size), c.series, str(c.n), mult, spd, f"{len(v)}/{len(sp)}"])
+    return head, rows
+
+
+def _allocation_table(pooled: pd.DataFrame) -> Table:
+    head = ["run (seeds pooled)", "MoE block", "seeds", "experts per object token", "per background token",
+            "object / background (mean ± sd)", "CV of experts per token (mean ± sd)"]  # fmt: skip
+    rows = [[r.group, str(r.block), str(r.n), sig(r.object_mean, 3), sig(r.background_mean, 3),
+             f"{r.ratio_mean:.2f}" + (f" ± {r.ratio_sd:.2f}" if r.n > 1 else ""),
+             f"{r.cv_mean:.2f}" + (f" ± {r.cv_sd:.2f}" if r.n > 1 else "")] for r in pooled.itertuples()]  # fmt: skip
     return head, rows
 
 
@@ -250,6 +339,13 @@ FIGURE_CAPTIONS = {
 def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> list[tuple[str, Any]]:
     doc: list[tuple[str, Any]] = [("h1", f"Scaling study: {_study_name(data.study_dir)}")]
     doc += _header(data)
+    if an.claims:
+        doc += [
+            ("h2", "Findings: the paper's claims against this study"),
+            ("p", VERDICT_RULES),
+            ("table", (["paper's claim", "this study", "verdict"],
+                       [[f.claim, f.measured, f.verdict] for f in an.claims])),
+        ]
     doc.append(("h2", "Figures"))
     for stem, path in figures.items():
         doc += [("h3", FIGURE_CAPTIONS.get(stem, stem)), ("img", path)]
@@ -266,6 +362,7 @@ def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> li
     doc.append(("h2", "Held-out check: fit without the largest size, predict it"))
     for x, label in FIT_X.items():
         doc += [("h3", f"Loss vs {label}"), ("table", _holdout_table(an.holdout[x], x))]
+    doc += _gap_sections(data, an)
     doc.append(("h2", "MoE vs dense"))
     doc.append(("h3", "Effective-parameter multiplier (dense parameters with the same fitted loss)"))
     if not an.effective.empty:
@@ -302,6 +399,46 @@ def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> li
         ("p", "For runs that are not done, the loss columns hold the latest logged values."),
         ("table", _runs_table(data)),
     ]
+    return doc
+
+
+def _gap_sections(data: CollectResult, an: Analysis) -> list[tuple[str, Any]]:
+    if an.cells.empty:
+        return []
+    doc: list[tuple[str, Any]] = [
+        ("h2", "The routing gap per size, over seeds"),
+        ("p", "Final validation loss per size and series: mean ± sample standard deviation over the seeds "
+              "that ran (one number where one seed ran). 'vs dense' is the relative gap (L - L_dense) / "
+              "L_dense, paired by seed; negative means a lower loss than dense at the same activated FLOPs."),
+        ("table", _cells_table(an)),
+    ]
+    if not an.head_to_head.empty:
+        doc += [("h3", "Expert choice against token choice at each size"), ("table", _pairs_table(an.head_to_head))]
+    variants = _variants_table(an)
+    if variants is not None:
+        doc += [("h3", "Variants of one routing at the sizes they share (capacity factor, experts)"),
+                ("p", "Activated parameters and FLOPs grow with the capacity factor f: each extra unit of f "
+                      "is one more expert FFN per token on average."),
+                ("table", variants)]
+    if not an.effective.empty or not an.speedup.empty:
+        doc += [("h3", "Effective-parameter multiplier and speed-up per size"), ("table", _gains_by_size(data, an))]
+    if not an.allocation.empty:
+        root = data.study_dir
+        doc += [
+            ("h2", "Compute allocation of expert choice"),
+            ("p", f"From `ecdit analyze` results in {ANALYZE_DIR}/: experts per token on rendered scenes with "
+                  "known object masks, averaged over t in {0.1, 0.3, 0.5, 0.7, 0.9}; a ratio above 1 means "
+                  "object tokens get more experts than background tokens. Each expert-choice token gets "
+                  "f experts on average by construction, so only the split between tokens can move."),
+            ("table", _allocation_table(pooled(an.allocation, data.runs))),
+        ]
+        # The figures of the largest analysed run only: the table covers the others.
+        size = data.runs.set_index(data.runs["run_id"].astype(str))["params_active"]
+        rid = max(an.allocation["run_id"].astype(str).unique(), key=lambda r: float(size.get(r, 0.0)))
+        for stem in ("object_vs_background", "heatmaps"):
+            png = root / ANALYZE_DIR / rid / f"{stem}.png"
+            if png.is_file():
+                doc += [("h3", f"{rid}: {stem.replace('_', ' ')}"), ("img", png)]
     return doc
 
 
