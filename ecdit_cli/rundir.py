@@ -29,6 +29,8 @@ fixed timesteps).
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,25 @@ def require_dir(path: str | Path, what: str = "directory") -> Path:
     return p
 
 
+def _latest_record(metrics: Path, tail_bytes: int = 8192) -> dict[str, Any]:
+    """The last complete JSON line of a metrics log, read from its end ({} when there is none)."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line being written, or cut by the tail window
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            return rec
+    return {}
+
+
 def status_rows(path: str | Path) -> list[dict[str, Any]]:
     """Where each point of a study (or one run directory) stands: what `ecdit status` shows."""
     path = Path(path)
@@ -162,6 +183,10 @@ def status_rows(path: str | Path) -> list[dict[str, Any]]:
             except EcditError:
                 summary = None
         summary = summary or {}
+        if status == "running":  # the summary is rewritten at checkpoints; the log is current
+            latest = _latest_record(d / METRICS)
+            if latest.get("step", -1) > summary.get("step", 0):
+                summary = {**summary, "step": latest["step"], "wall_time_s": latest.get("wall_time_s")}
         rows.append({
             "run_id": d.name, "status": status, "step": summary.get("step", 0), "steps": summary.get("steps"),
             "final_val_loss": summary.get("final_val_loss"), "wall_time_s": summary.get("wall_time_s"),

@@ -18,7 +18,7 @@ JOBS=${REF_JOBS:-2}
 THREADS=${REF_THREADS:-1}  # per worker: JOBS x THREADS = the cores to use
 # Expert-choice runs to analyse: the largest first (the report shows its figures; the others add
 # their numbers, pooled over seeds).
-ANALYZE=${REF_ANALYZE:-medium-ec-e8-f2-s0 mini-ec-e8-f2-s0 mini-ec-e8-f2-s1 mini-ec-e8-f2-s2}
+ANALYZE=${REF_ANALYZE:-medium-ec-e8-f2-s0 medium-ec-e8-f2-s1 mini-ec-e8-f2-s0 mini-ec-e8-f2-s1 mini-ec-e8-f2-s2}
 
 start=$(date +%s)
 "$ECDIT" sweep "$SPEC" -o "$STUDY"

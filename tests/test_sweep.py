@@ -226,3 +226,23 @@ def test_a_cluster_launch_script_has_one_deepspeed_command_per_point(tmp_path, c
     script = (tmp_path / "st" / rundir.LAUNCH_SCRIPT).read_text()
     assert "--module ecdit_cli _worker runs/debug-ec-e8-f2-s0" in script
     assert 'cd "$(dirname "$0")"' in script
+
+
+def test_status_of_a_running_point_reads_its_progress_from_the_log(tmp_path):
+    from ecdit_cli.lock import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.CONFIG).write_text("{}")
+    (run / rundir.SUMMARY).write_text(json.dumps({"status": "running", "step": 0, "steps": 100}))
+    lines = [json.dumps({"kind": "train", "step": s, "wall_time_s": s / 10}) for s in (10, 20, 30)]
+    (run / rundir.METRICS).write_text("\n".join(lines) + '\n{"kind": "train", "st')  # a line being written
+    lock = RunLock(run / rundir.LOCK)
+    lock.acquire()
+    try:
+        (row,) = rundir.status_rows(run)
+    finally:
+        lock.release()
+    assert (row["status"], row["step"], row["steps"], row["wall_time_s"]) == ("running", 30, 100, 3.0)
+    (row,) = rundir.status_rows(run)  # the trainer is gone: interrupted, and the summary's numbers stand
+    assert (row["status"], row["step"]) == ("interrupted", 0)
