@@ -55,11 +55,20 @@ def _timing(study: Path) -> list[str]:
         total, n = total + wall, n + 1
     if not n:
         return ["- no done run with timing in runs/"]
-    span = (max(ends) - min(starts)).total_seconds()
+    # Wall time with at least one point training: the union of the points' intervals (a study
+    # trained in several sittings does not count the pauses between them).
+    stretches: list[list[datetime]] = []
+    for s, e in sorted(zip(starts, ends, strict=True)):
+        if stretches and s <= stretches[-1][1]:
+            stretches[-1][1] = max(stretches[-1][1], e)
+        else:
+            stretches.append([s, e])
+    busy = sum((e - s).total_seconds() for s, e in stretches)
+    spans = "; ".join(f"{s:%Y-%m-%d %H:%M}-{e:%H:%M} UTC" for s, e in stretches)
     return [
         f"- {n} done points; training wall time summed over points (worker time): {total / 60:.1f} min",
-        f"- first start to last finish: {span / 60:.1f} min ({min(starts):%Y-%m-%d %H:%M} to "
-        f"{max(ends):%Y-%m-%d %H:%M} UTC); evaluation at the end of each run is included, the report is not",
+        f"- wall time with at least one point training: {busy / 60:.1f} min in {len(stretches)} sitting(s) "
+        f"({spans}); each run's final evaluation is included, the report is not",
     ]
 
 

@@ -24,7 +24,8 @@ from ecdit_cli.study import gaps
 from ecdit_cli.study.allocation import pooled
 
 VERDICT_RULES = (
-    "Verdicts follow fixed rules: a gap at one size is resolved when its mean is further from zero than "
+    "Claims as docs/paper.md records them (its 'Reported results'; the notes do not keep the paper's "
+    "figure and table numbers, so each claim is named by what it says). Verdicts follow fixed rules: a gap at one size is resolved when its mean is further from zero than "
     "twice its standard error (the per-seed spread at sizes with seeds; elsewhere the spread the study "
     "measured for the same comparison at the sizes that have seeds). 'Beats' is reproduced when expert "
     "choice is resolved lower at most sizes and higher at none, partly when lower at some and higher at "
