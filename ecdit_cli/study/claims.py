@@ -167,19 +167,35 @@ def _allocation(layers: pd.DataFrame, runs: pd.DataFrame) -> list[Finding]:
     largest = big.sort_values("params_active", kind="stable")["run_id"].iloc[-1]
     group = table[table["runs"].str.split(", ").map(lambda rs: largest in rs)]
     name, n = str(group["group"].iloc[0]), int(group["n"].iloc[0])
-    seeds = f"{n} seeds" if n > 1 else "1 seed (no seeds at this size)"
-    ratios = ", ".join(f"block {r.block} {r.ratio_mean:.2f}x" for r in group.itertuples())
-    above = int((group["ratio_mean"] > 1).sum())
+    seeds = f"{n} seeds" if n > 1 else "1 seed (no seeds at this size, so no noise estimate)"
+
+    def resolved(diff: float, sd: float) -> int:
+        """The sign of `diff` when it exceeds twice its standard error over seeds (with one seed:
+        its plain sign, as the measurement says nothing about the noise)."""
+        if n > 1 and math.isfinite(sd):
+            return 0 if abs(diff) <= 2 * sd / math.sqrt(n) else (1 if diff > 0 else -1)
+        return (diff > 0) - (diff < 0)
+
+    signs = [resolved(r.ratio_mean - 1, r.ratio_sd) for r in group.itertuples()]
+    ratios = ", ".join(f"block {r.block} {r.ratio_mean:.2f}x" + (f" ± {r.ratio_sd:.2f}" if n > 1 else "")
+                       for r in group.itertuples())  # fmt: skip
+    above, below = signs.count(1), signs.count(-1)
     verdict = REPRODUCED if above == len(group) else PARTLY if above else NOT_REPRODUCED
     obj = Finding(claim_obj, f"{name} ({seeds}): experts per object token / per background token on "
-                  f"rendered scenes: {ratios}", verdict)
+                  f"rendered scenes: {ratios}; resolved above 1 in {above}, below 1 in {below} of "
+                  f"{len(group)} MoE layers", verdict)
     if len(group) < 2:
         depth = Finding(claim_depth, f"{name} has one MoE layer", NOT_TESTABLE)
     else:
         first, last = group.iloc[0], group.iloc[-1]
-        cvs = ", ".join(f"block {r.block} {r.cv_mean:.2f}" for r in group.itertuples())
-        verdict = REPRODUCED if first["cv_mean"] < last["cv_mean"] else NOT_REPRODUCED
-        depth = Finding(claim_depth, f"{name}: coefficient of variation of experts per token: {cvs}", verdict)
+        cvs = ", ".join(f"block {r.block} {r.cv_mean:.2f}" + (f" ± {r.cv_sd:.2f}" if n > 1 else "")
+                        for r in group.itertuples())  # fmt: skip
+        sd = math.hypot(first["cv_sd"], last["cv_sd"]) if n > 1 else math.nan
+        sign = resolved(last["cv_mean"] - first["cv_mean"], sd)
+        verdict = REPRODUCED if sign > 0 else NOT_REPRODUCED
+        tail = "" if sign else " (first and last layer within the seed spread)"
+        depth = Finding(claim_depth, f"{name} ({seeds}): coefficient of variation of experts per token: "
+                        f"{cvs}{tail}", verdict)
     return [obj, depth]
 
 
