@@ -63,7 +63,7 @@ def test_eval_of_the_renderers_own_images_scores_one_and_writes_every_file(run, 
     assert 0 <= on_disk["fd_scenes"] < 2 * on_disk["fd_scenes_floor"]
     assert on_disk["fd_net"]["image_size"] == 32 and on_disk["fd_net"]["val_color_acc"] > 0.9
     assert on_disk["settings"] == {"cfg": 2.5, "steps": 7, "seed": 4, "n": 2, "per_tag": PER_TAG, "ema": True,
-                                   "shift": 1.0, "prompt_set_seed": 0}
+                                   "shift": 1.0, "prompt_set_seed": 0, "capacity_factor": 2.0}
     records = geneval.read_prompts(run / "eval" / "prompts.jsonl")
     assert records == geneval.make_prompt_set(0, PER_TAG)
     assert calls == [{"prompts": [r["prompt"] for r in records], "n": 2, "cfg_scale": 2.5, "steps": 7, "seed": 4,
@@ -154,3 +154,15 @@ def test_eval_command_with_a_missing_run_exits_2_with_one_line(tmp_path, capsys)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not found" in err
+
+
+def test_eval_at_another_capacity_keeps_the_runs_own_eval_json(run, monkeypatch):
+    monkeypatch.setattr(sampling, "sample_images", fake_sampler("rendered"))
+    own = evaluate_run(run, n=1, per_tag=PER_TAG, fd=False)
+    before = (run / rundir.EVAL).read_bytes()
+    other = evaluate_run(run, n=1, per_tag=PER_TAG, fd=False, capacity_factor=4.0)
+    assert (run / rundir.EVAL).read_bytes() == before  # what a study collects is untouched
+    assert json.loads((run / "eval_f4.json").read_text()) == json.loads(json.dumps(other))
+    assert (run / "eval_f4" / "prompts.jsonl").exists()
+    assert other["settings"]["capacity_factor"] == 4.0 and own["settings"]["capacity_factor"] == 2.0
+    assert other["flops_per_image"] > own["flops_per_image"] > 0

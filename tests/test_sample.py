@@ -209,3 +209,36 @@ def test_euler_sampling_with_guidance_lands_on_the_guided_target_of_an_exact_vel
     images = sample_images(PointMassModel(a, b), cfg, ["x", "y"], n=2, steps=5, cfg_scale=scale).images
     expected = ((1 - scale) * -0.5 + scale * 0.5 + 1) / 2
     np.testing.assert_allclose(images, expected, atol=1e-5)
+
+
+def test_inference_capacity_sets_the_expert_slots_and_at_the_trained_value_changes_nothing(ec_run):
+    from ecdit_cli.model.accounting import count, vocab_size
+
+    model, cfg = load_run(ec_run)
+    trained = cfg.moe.capacity_factor
+    base = sample_run(ec_run, PROMPTS[:2], n=2, steps=2)
+    same = sample_run(ec_run, PROMPTS[:2], n=2, steps=2, capacity_factor=trained)
+    np.testing.assert_array_equal(base.images, same.images)
+    assert same.settings["flops_per_image"] == base.settings["flops_per_image"] == count(cfg, vocab_size(cfg)).flops_per_image
+
+    wide = sample_run(ec_run, PROMPTS[:2], n=2, steps=2, capacity_factor=2 * trained, record_routing=True)
+    per_image = wide.routing.experts_per_token.reshape(2, -1, 4, wide.routing.experts_per_token.shape[-1] ** 2)
+    np.testing.assert_allclose(per_image.mean(-1), 2 * trained)  # every expert keeps twice the tokens
+    assert wide.settings["capacity_factor"] == 2 * trained
+    assert wide.settings["flops_per_image"] > base.settings["flops_per_image"]
+    assert np.abs(wide.images - base.images).max() > 1e-4
+
+
+def test_inference_capacity_is_refused_for_token_choice_and_for_a_bad_value(ec_run, tc_run):
+    with pytest.raises(EcditError, match="applies to expert-choice runs; .* is a token_choice run"):
+        load_run(tc_run, capacity_factor=2.0)
+    with pytest.raises(EcditError, match="moe.capacity_factor"):
+        load_run(ec_run, capacity_factor=-1.0)
+
+
+def test_sample_command_at_another_capacity_writes_beside_the_default_and_reports_flops(cli, ec_run):
+    res = CliRunner().invoke(cli, ["sample", str(ec_run), "-p", "a circle", "-n", "1", "--steps", "1", "--seed", "5",
+                                   "--capacity-factor", "1"])
+    assert res.exit_code == 0, res.output
+    assert (ec_run / "samples" / "seed5-f1.png").exists()
+    assert "at capacity factor 1:" in res.output and "per denoiser pass" in res.output

@@ -16,6 +16,9 @@ Seed = Annotated[int, typer.Option("--seed", help="Noise seed: image j of prompt
 Shift = Annotated[float, typer.Option("--shift", help="Timestep shift (SD3); >1 spends more steps at high noise.")]
 NoEma = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA weights.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when available).")]
+CapacityFactor = Annotated[Optional[float], typer.Option(
+    "--capacity-factor", help="Expert-choice runs: sample with this capacity factor instead of the trained one "
+                              "(compute for quality at inference).")]
 
 
 def _device(name: str) -> str:
@@ -48,6 +51,14 @@ def _progress(console):
                     disable=not console.is_terminal)
 
 
+def _flops_line(settings: dict) -> str:
+    from ecdit_cli.numbers import si
+
+    f = settings.get("capacity_factor")
+    where = f" at capacity factor {f:g}" if f is not None else ""
+    return f"activated forward FLOPs per image{where}: {si(settings['flops_per_image'])} per denoiser pass"
+
+
 def sample(
     run_dir: RunDir,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A caption (repeatable): one grid row each.")] = None,
@@ -57,8 +68,9 @@ def sample(
     seed: Seed = 0,
     shift: Shift = DEFAULT_SHIFT,
     no_ema: NoEma = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz (default: RUN_DIR/samples/seed<SEED>.png).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz (default: RUN_DIR/samples/seed<SEED>.png, seed<SEED>-f<F>.png with --capacity-factor).")] = None,
     device: Device = "auto",
+    capacity_factor: CapacityFactor = None,
 ) -> None:
     """Sample images from a trained run: a labelled PNG grid (one row per prompt) and the raw images."""
     import time
@@ -70,14 +82,15 @@ def sample(
         raise EcditError('give at least one --prompt, e.g. --prompt "a red circle left of a blue square"')
     check_settings(n, cfg, steps, seed, shift)
     console = _console()
-    target = out or Path(run_dir) / "samples" / f"seed{seed}.png"
+    suffix = "" if capacity_factor is None else f"-f{capacity_factor:g}"
+    target = out or Path(run_dir) / "samples" / f"seed{seed}{suffix}.png"
     if target.suffix.lower() != ".png":
         raise EcditError(f"--out must be a .png file, got {target}")
     t0 = time.time()
     with _progress(console) as progress:
         task = progress.add_task("sampling", total=steps * num_batches(len(prompt), n))
         result = sample_run(run_dir, prompt, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift,
-                            use_ema=not no_ema, device=_device(device),
+                            use_ema=not no_ema, device=_device(device), capacity_factor=capacity_factor,
                             on_step=lambda i, t: progress.update(task, advance=1),
                             on_progress=lambda done, total: progress.update(task, description=f"{done}/{total} images"))
     files = save_samples(result, target)
@@ -85,6 +98,7 @@ def sample(
     wall = result.settings["wall_time_s"]
     console.print(f"wrote {files['png']} and {files['npz']}: {count} image(s) in {time.time() - t0:.1f} s; "
                   f"sampling {wall:.1f} s ({wall / count:.3f} s/image at cfg {cfg:g}, {steps} steps)")
+    console.print(_flops_line(result.settings))
 
 
 def eval_(
@@ -99,12 +113,14 @@ def eval_(
     device: Device = "auto",
     fd: Annotated[bool, typer.Option("--fd/--no-fd", help="Also compute FD-scenes, a Fréchet distance on a small scene network's features (not FID; its network trains once, about a minute, then is cached).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of a table.")] = False,
+    capacity_factor: CapacityFactor = None,
 ) -> None:
     """GenEval on the built-in scenes, scored by the exact detector; writes RUN_DIR/eval.json and RUN_DIR/eval/."""
     from rich.table import Table
 
     from ecdit_cli import rundir
-    from ecdit_cli.evaluate.eval_run import EVAL_DIR, EXAMPLES_FILE, evaluate_run, format_fd, format_scores
+    from ecdit_cli.config import load_run_config
+    from ecdit_cli.evaluate.eval_run import EXAMPLES_FILE, eval_paths, evaluate_run, format_fd, format_scores
     from ecdit_cli.files import to_json
 
     console = _console()
@@ -119,7 +135,7 @@ def eval_(
 
         doc = evaluate_run(run_dir, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift, per_tag=per_tag,
                            use_ema=not no_ema, device=_device(device), on_progress=on_progress, fd=fd,
-                           on_fd_progress=on_fd_progress)
+                           on_fd_progress=on_fd_progress, capacity_factor=capacity_factor)
     if as_json:
         typer.echo(to_json(doc, indent=2))
         return
@@ -134,8 +150,10 @@ def eval_(
         for name, value in fd_rows:
             table.add_row(name, value)
     console.print(table)
-    console.print(f"wrote {Path(run_dir) / rundir.EVAL} and {Path(run_dir) / EVAL_DIR}/ "
-                  f"(examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
+    trained = load_run_config(Path(run_dir) / rundir.CONFIG).moe.capacity_factor if rundir.is_run_dir(run_dir) else None
+    doc_path, folder = eval_paths(Path(run_dir), capacity_factor, trained)
+    console.print(f"wrote {doc_path} and {folder}/ (examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
+    console.print(_flops_line({**doc["settings"], "flops_per_image": doc["flops_per_image"]}))
 
 
 def analyze(

@@ -21,6 +21,12 @@ features (`fd_scenes`, lower is better; not FID), and the floor of two rendered 
 
 An interrupted evaluation leaves the previous eval.json untouched (never half-written); it
 does not resume.
+
+`capacity_factor` evaluates an expert-choice run at another capacity than it was trained with
+(`ecdit eval --capacity-factor F`); its files then go to `eval_fF/` and `eval_fF.json`, so the
+run's own eval.json (what a study collects) keeps the trained capacity. Every eval.json records
+the capacity factor it sampled with and the activated forward FLOPs per image (one denoiser
+pass; a guided sampling step costs two).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from ecdit_cli.evaluate import geneval
 from ecdit_cli.evaluate import sample as sampling
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text, npz_bytes, to_json
+from ecdit_cli.model.accounting import count, vocab_size
 
 EVAL_DIR = "eval"
 PROMPTS_FILE = "prompts.jsonl"
@@ -123,6 +130,7 @@ def evaluate_run(
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
     fd: bool = True,
     on_fd_progress: Callable[[int, int], None] | None = None,
+    capacity_factor: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run and write its files (module docstring); returns eval.json's content.
 
@@ -137,10 +145,11 @@ def evaluate_run(
         raise EcditError(f"--per-tag must be >= 1, got {per_tag}")
     if rundir.is_run_dir(run_dir):
         check_scenes_run(load_run_config(run_dir / rundir.CONFIG))  # fail before loading weights
-    model, cfg = load_run(run_dir, use_ema=use_ema, device=device)
+    trained_f = load_run_config(run_dir / rundir.CONFIG).moe.capacity_factor if rundir.is_run_dir(run_dir) else None
+    model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor)
     check_scenes_run(cfg)
     per_tag_n = geneval.DEFAULT_PER_TAG if per_tag is None else int(per_tag)
-    out = run_dir / EVAL_DIR
+    doc_path, out = eval_paths(run_dir, capacity_factor, trained_f)
     records = geneval.make_prompt_set(PROMPT_SET_SEED, per_tag_n)
     geneval.write_prompts(out / PROMPTS_FILE, records)
     t0 = time.time()
@@ -153,10 +162,22 @@ def evaluate_run(
     extra: dict[str, Any] = {}
     if fd:
         extra = fd_scores(images, records, on_fd_progress)
+    if cfg.moe.routing == "expert_choice":
+        settings["capacity_factor"] = float(cfg.moe.capacity_factor)
     write_eval_files(out, records, images, scores["images"])
-    doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall, **extra)
-    atomic_write_json(run_dir / rundir.EVAL, doc)  # last: its presence means the eval finished
+    flops = count(cfg, vocab_size(cfg)).flops_per_image
+    doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall,
+                    flops_per_image=flops, **extra)
+    atomic_write_json(doc_path, doc)  # last: its presence means the eval finished
     return doc
+
+
+def eval_paths(run_dir: Path, capacity_factor: float | None, trained: float | None) -> tuple[Path, Path]:
+    """(eval.json, eval/) of a run, or (eval_fF.json, eval_fF/) at a capacity it was not trained with."""
+    if capacity_factor is None or (trained is not None and float(capacity_factor) == float(trained)):
+        return run_dir / rundir.EVAL, run_dir / EVAL_DIR
+    tag = f"{EVAL_DIR}_f{float(capacity_factor):g}"
+    return run_dir / f"{tag}.json", run_dir / tag
 
 
 def fd_scores(images: np.ndarray, records: Sequence[dict[str, Any]],

@@ -12,8 +12,14 @@ from ecdit_cli.errors import EcditError
 from ecdit_cli.model.t2i import TextToImage
 
 
-def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu") -> tuple[TextToImage, RunConfig]:
-    """(model in eval mode, its config). The MoE layers run locally (ep_size 1)."""
+def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
+             capacity_factor: float | None = None) -> tuple[TextToImage, RunConfig]:
+    """(model in eval mode, its config). The MoE layers run locally (ep_size 1).
+
+    `capacity_factor` replaces an expert-choice run's trained f at inference: the router's
+    weights do not depend on it (each expert still ranks the tokens by the same affinities and
+    keeps its C = G f / E best), so a user can trade compute for quality when sampling.
+    """
     run_dir = rundir.require_dir(run_dir, "run directory")
     if rundir.is_run_dir(run_dir):
         load_run_config(run_dir)  # refuses a run directory written by another format version
@@ -29,6 +35,11 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu") -> 
     if version != RUN_FORMAT_VERSION:
         raise EcditError(f"{path} has run format version {version!r}; this ecdit reads {RUN_FORMAT_VERSION}")
     data = payload["config"]
+    if capacity_factor is not None:
+        routing = data["moe"].get("routing")
+        if routing != "expert_choice":
+            raise EcditError(f"--capacity-factor applies to expert-choice runs; {run_dir} is a {routing} run")
+        data["moe"]["capacity_factor"] = float(capacity_factor)
     data["moe"]["ep_size"] = 1
     data["moe"]["deepspeed_layer"] = False
     cfg = config_from_dict(data)
