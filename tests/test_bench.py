@@ -202,8 +202,11 @@ def test_bench_train_reports_every_column_and_marks_each_target(runner):
             assert r[ratio]["median"] > 0
         s = r["startup"]
         assert s["one_step_process_s"] > s["import_deepspeed_s"] > 0
+        w = r["whole process"]
+        assert w["ecdit_train_process_s"] > 0 and w["plain_script_process_s"] > 0
+        assert r["ecdit train process / plain script"]["median"] > 0
     assert "EC / dense engine step per activated FLOP" in out["rows"][1]
     from ecdit_cli.bench.report import train_markdown
 
     md = train_markdown(out)
-    assert md.count("| debug expert_choice |") == 1 + 5 and ("met" in md)
+    assert md.count("| debug expert_choice |") == 1 + 6 and ("met" in md)

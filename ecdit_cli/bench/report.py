@@ -145,7 +145,10 @@ def train_markdown(res: dict[str, Any]) -> str:
                      _f(r["engine GFLOP/s"], ".0f"), _f(r["sgemm GFLOP/s"], ".0f"),
                      _ratio_cell(r["full loop / engine step"]), _ratio_cell(r["engine step / plain loop"]),
                      _ratio_cell(r["plain loop / plain DiT"]), _f(st.get("one_step_process_s")),
-                     _f(st.get("import_deepspeed_s"))])
+                     _f(st.get("import_deepspeed_s")),
+                     _f(r.get("whole process", {}).get("ecdit_train_process_s")),
+                     _f(r.get("whole process", {}).get("plain_script_process_s")),
+                     _ratio_cell(r.get("ecdit train process / plain script"))])
     targets = []
     for r in res["rows"]:
         for name, (v, met) in target_status(r).items():
@@ -158,6 +161,7 @@ def train_markdown(res: dict[str, Any]) -> str:
         machine_line(res["machine"], res.get("load_avg_end")),
         _table(["preset / routing", "full loop", "engine step", "plain loop", "plain DiT", "full loop img/s",
                 "engine GFLOP/s", "sgemm GFLOP/s", "full / engine", "engine / plain", "plain / plain DiT",
-                "1-step process s", "import deepspeed s"], rows),
+                "1-step process s", "import deepspeed s", "ecdit train process s", "plain script s",
+                "process / script"], rows),
         _table(["preset / routing", "target", "goal", "measured", ""], targets),
     ])

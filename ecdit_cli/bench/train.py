@@ -46,6 +46,7 @@ TARGETS = {
     "plain loop / plain DiT (per FLOP)": 1.10,
     "EC / dense engine step per activated FLOP": 1.10,
     "start-up beyond import deepspeed (s)": 3.0,
+    "ecdit train process / plain script": 1.25,
 }
 
 
@@ -155,6 +156,28 @@ def _startup(preset: str, routing: str, batch: int, overrides: list[str]) -> dic
     return {"import_deepspeed_s": t_ds, "one_step_process_s": t_run}
 
 
+def _whole_processes(preset: str, routing: str, steps: int, batch: int, overrides: list[str],
+                     root: Path) -> dict[str, float]:
+    """Wall seconds of a whole `ecdit train` process and of `plain_script` for the same steps and batch.
+
+    Both run from process start to exit (imports, set-up, data, the loop, the final save); the
+    ecdit run pays everything a real run does (validation, EMA, checkpoints, summaries)."""
+    sets = [f"moe.routing={routing}", f"train.steps={steps}", f"train.batch_size={batch}", *DEMO_TRAIN, *overrides]
+    ecdit = [sys.executable, "-m", "ecdit_cli", "train", preset, "-q", "--out", str(root / "ecdit")]
+    for o in sets:
+        ecdit += ["--set", o]
+    plain = [sys.executable, "-m", "ecdit_cli.bench.plain_script", preset, str(steps), str(batch),
+             str(root / "plain.pt"), *DEMO_TRAIN, *overrides]
+    out = {}
+    for name, args in (("ecdit_train_process_s", ecdit), ("plain_script_process_s", plain)):
+        t0 = time.perf_counter()
+        proc = subprocess.run(args, capture_output=True, text=True)
+        out[name] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise EcditError(f"the whole-process run ({name}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
 def _ratios(a: list[float], b: list[float]) -> dict[str, float]:
     s = summary([x / y for x, y in zip(a, b, strict=True)])
     return {"median": s["median"], "iqr": s["iqr"]}
@@ -162,7 +185,7 @@ def _ratios(a: list[float], b: list[float]) -> dict[str, float]:
 
 def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "expert_choice"), steps: int = 200,
                 rounds: int = 3, reps: int = 10, batch: int = 32, overrides: list[str] | None = None,
-                startup: bool = True, on_progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+                startup: bool = True, whole: bool = True, on_progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     if steps < 2 or rounds < 1 or reps < 1 or batch < 1:
         raise EcditError(f"steps={steps}, rounds={rounds}, reps={reps}, batch={batch} are invalid: "
                          "steps must be >= 2 and the others >= 1")
@@ -176,6 +199,7 @@ def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "exp
             models = _Models(cfg)
             per_step: dict[str, list[float]] = {name: [] for name in ("full loop", *STEPS)}
             setups = []
+            processes: dict[str, list[float]] = {"ecdit_train_process_s": [], "plain_script_process_s": []}
             for r in range(rounds):
                 on_progress(f"{preset} {routing}: round {r + 1}/{rounds}: a {steps}-step run, then "
                             f"{len(STEPS)} steps x {reps} interleaved")
@@ -185,6 +209,12 @@ def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "exp
                 times = interleaved(models.fns(), reps, warmup=1 if r == 0 else 0)
                 for name in STEPS:
                     per_step[name].append(summary(times[name])["median"])
+                if whole:
+                    on_progress(f"{preset} {routing}: round {r + 1}/{rounds}: a whole `ecdit train` process, "
+                                "then the plain script")
+                    for k, v in _whole_processes(preset, routing, steps, batch, overrides,
+                                                 Path(tmp) / f"whole-{routing}-{r}").items():
+                        processes[k].append(v)
             acc = count(cfg, vocab_size=len(models.model.tokenizer.vocab))
             dense_flops = count(train_config(preset, "dense", steps, batch, overrides)).flops_per_image
             row: dict[str, Any] = {
@@ -202,6 +232,11 @@ def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "exp
             # The plain DiT is dense: compare per FLOP (an MoE model does more work per image).
             row["plain loop / plain DiT (per FLOP)"] = {
                 k: v / (acc.flops_per_image / dense_flops) for k, v in row["plain loop / plain DiT"].items()}
+            if whole:
+                row["whole process"] = {k: summary(v)["median"] for k, v in processes.items()}
+                # The plain script trains a dense DiT: an MoE row's ratio includes its extra FLOPs.
+                row["ecdit train process / plain script"] = _ratios(processes["ecdit_train_process_s"],
+                                                                     processes["plain_script_process_s"])
             if startup:
                 on_progress(f"{preset} {routing}: start-up (a one-step `ecdit train` process)")
                 s = _startup(preset, routing, batch, overrides)

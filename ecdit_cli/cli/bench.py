@@ -166,6 +166,8 @@ def train(
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 32,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key (repeatable).")] = None,
     no_startup: Annotated[bool, typer.Option("--no-startup", help="Skip the start-up measurement (two subprocesses).")] = False,
+    no_whole: Annotated[bool, typer.Option(
+        "--no-whole", help="Skip the whole-process comparison (`ecdit train` vs a plain PyTorch script, each round).")] = False,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
     markdown: MarkdownOpt = None,
@@ -184,5 +186,6 @@ def train(
     set_threads(threads)
     with _stdout_to_stderr():
         result = bench_train(preset, routings, steps=steps, rounds=rounds, reps=reps, batch=batch,
-                             overrides=list(set_ or []), startup=not no_startup, on_progress=_progress(quiet))
+                             overrides=list(set_ or []), startup=not no_startup, whole=not no_whole,
+                             on_progress=_progress(quiet))
     _emit(result, train_markdown(result), as_json, markdown)
