@@ -194,3 +194,21 @@ def test_folder_source_errors_name_the_problem(tmp_path, setup, message):
 def test_folder_source_needs_a_path():
     with pytest.raises(EcditError, match="needs data.path"):
         make_source("folder", image_size=16, channels=3, path="")
+
+
+def test_prefetched_scene_batches_are_the_arrays_the_source_renders_itself():
+    from ecdit_cli.data.prefetch import PrefetchingSource
+
+    plain = make_source("scenes", image_size=16, seed=3)
+    # A run's requests: stride 4 (two micro-batches of 2 images... of one rank), a resume jump, a
+    # validation set in between, then the stride again.
+    requests = [("train", s, 4) for s in (0, 4, 8, 12)] + [("val", 0, 6)] + [("train", s, 4) for s in (40, 44, 48, 52)]
+    with PrefetchingSource(make_source("scenes", image_size=16, seed=3)) as fetched:
+        for split, start, count in requests:
+            images, captions = fetched.batch(split, start, count)
+            want_images, want_captions = plain.batch(split, start, count)
+            assert images.dtype == want_images.dtype and np.array_equal(images, want_images)
+            assert captions == want_captions
+        assert fetched.hits >= 4  # predicted from the stride, rendered by the worker
+        assert fetched.misses >= 2  # the first request and the one after the jump
+        assert fetched.vocabulary() == plain.vocabulary()

@@ -226,3 +226,9 @@ def test_eval_every_is_refused_where_it_cannot_score(tmp_path):
         tiny("dense", 10, "train.eval_every=5", "data.source=fashion_mnist", "model.in_channels=1")
     with pytest.raises(ConfigError, match="needs moe.ep_size=1"):
         tiny("expert_choice", 10, "train.eval_every=5", "moe.ep_size=2")
+
+
+def test_prefetching_the_scenes_changes_no_metric(tmp_path):
+    train(tiny("expert_choice", 10, "data.prefetch=true"), tmp_path / "a")
+    train(tiny("expert_choice", 10, "data.prefetch=false"), tmp_path / "b")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")

@@ -187,6 +187,9 @@ class DataConfig:
     max_objects: int = 4  # scenes: objects per image, at most
     val_size: int = 256  # images in the fixed held-out validation set
     seed: int = 0  # seed of the data streams (train and validation never overlap)
+    # scenes: render the next training batches in a worker process (data/prefetch.py); the batches
+    # are the same arrays either way, so this changes speed only
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         _require(1 <= self.min_objects <= 4, "data.min_objects", self.min_objects, "must be in 1..4")

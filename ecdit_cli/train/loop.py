@@ -142,6 +142,10 @@ class _Run:
         cfg, d, dist = self.cfg, self.cfg.data, self.dist
         self.source = make_source(d.source, image_size=cfg.model.input_size, channels=cfg.model.in_channels,
                                   path=d.path, min_objects=d.min_objects, max_objects=d.max_objects, seed=d.seed)
+        if d.source == "scenes" and d.prefetch:
+            from ecdit_cli.data.prefetch import PrefetchingSource
+
+            self.source = PrefetchingSource(self.source)
         ep_rank = dist.rank % cfg.moe.ep_size if cfg.moe.is_moe else 0
         torch.manual_seed(cfg.train.seed)
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
@@ -361,6 +365,8 @@ class _Run:
         self.log(f"done: step {self.step_done}, final val loss {self.last_val.get('val_loss')}")
 
     def close(self) -> None:
+        if hasattr(getattr(self, "source", None), "close"):
+            self.source.close()  # the prefetch worker
         if self.log_file is not None:
             self.log_file.close()
         self.lock.release()
