@@ -13,6 +13,7 @@ from ecdit_cli.files import read_jsonl
 from ecdit_cli.model.load import load_run
 from ecdit_cli.model.t2i import TextToImage
 from ecdit_cli.model.upcycle import initialise
+from ecdit_cli.study.collect import collect
 from ecdit_cli.train.loop import train
 
 
@@ -74,7 +75,7 @@ def test_init_noise_perturbs_each_expert_differently_and_copies_the_biases(dense
 
 
 def test_an_upcycled_run_starts_at_the_dense_runs_validation_loss_and_records_the_dense_compute(dense_run, tmp_path):
-    summary = train_debug_run(tmp_path / "up", "token_choice", "moe.top_k=1", "moe.capacity_factor=8",
+    train_debug_run(tmp_path / "up", "token_choice", "moe.top_k=1", "moe.capacity_factor=8",
                               "train.steps=2", f"train.init_from={dense_run}")
     summary = json.loads((tmp_path / "up" / rundir.SUMMARY).read_text())
     dense = json.loads((dense_run / rundir.SUMMARY).read_text())
@@ -84,6 +85,8 @@ def test_an_upcycled_run_starts_at_the_dense_runs_validation_loss_and_records_th
     assert summary["init_flops"] == dense["train_flops"] > 0
     assert summary["total_train_flops"] == pytest.approx(summary["train_flops"] + dense["train_flops"])
     assert "upcycled experts start as exact copies" in (tmp_path / "up" / rundir.LOG).read_text()
+    row = collect(tmp_path / "up", write=False).runs.iloc[0]
+    assert row["init_flops"] == dense["train_flops"] and row["total_train_flops"] == summary["total_train_flops"]
 
 
 def test_a_warm_start_from_an_moe_run_of_the_same_shape_copies_every_weight(ec_run):
