@@ -114,3 +114,24 @@ def test_a_dense_run_cannot_start_from_an_moe_run(ec_run, tmp_path):
     cfg = resolve_config(preset="debug", overrides=[f"train.init_from={ec_run}"])
     with pytest.raises(EcditError, match="is an MoE run .moe.routing=expert_choice.; a dense run cannot start from it"):
         train(cfg, tmp_path / "run")
+
+
+def test_an_upcycled_run_on_two_expert_parallel_processes_starts_from_the_experts_of_one_process(dense_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    extra = ["train.init_noise=0.05", "train.steps=2", "train.micro_batch_size=4", "train.log_every=1",
+             f"train.init_from={dense_run}"]
+    train_debug_run(tmp_path / "one", "expert_choice", *extra)
+    sets = ["moe.routing=expert_choice", *TRAIN_OVERRIDES, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ecdit_cli", "train", "debug", "-o", str(tmp_path / "two"), "--nproc",
+                           "2", "--ep", "2", "--launcher", "torchrun", "--quiet", *[x for s in sets for x in ("--set", s)]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    one, two = (list(read_jsonl(tmp_path / d / rundir.METRICS)) for d in ("one", "two"))
+    for a, b in zip(one, two):
+        assert (a["kind"], a["step"]) == (b["kind"], b["step"])
+        key = "val_loss" if a["kind"] == "val" else "train_loss"
+        assert b[key] == pytest.approx(a[key], abs=1e-5), (a["kind"], a["step"])
