@@ -125,10 +125,9 @@ def load(engine, tag_dir: Path, rank: int, ep_size: int, ema_wanted: bool) -> tu
     saved_ep, E = int(shared["ep_size"]), int(shared["num_experts"])
     count = E // ep_size
     lo, hi = (rank % ep_size) * count, (rank % ep_size + 1) * count
-    files = [_read(src / expert_file(r)) for r in range(saved_ep)]
-    files.sort(key=lambda f: int(f["first"]))
-    # Only the files overlapping [lo, hi) matter; reading all of them keeps this simple and is
-    # cheap at the sizes a layout change is tried at (one file per saved expert-parallel rank).
+    # Only the saved ranks whose experts overlap [lo, hi) are read.
+    saved_count = E // saved_ep
+    files = [_read(src / expert_file(r)) for r in range(lo // saved_count, (hi - 1) // saved_count + 1)]
 
     def experts(section: str, name: str, key: str | None = None) -> torch.Tensor:
         pieces = [(int(f["first"]), f[section][name] if key is None else f[section][name][key]) for f in files]
