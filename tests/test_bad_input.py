@@ -81,6 +81,14 @@ CASES = [
     ("train", ["train", "--sweep", "{ws}/empty_dir"], "is not a study directory (no manifest.csv)"),
     ("train", ["train", "debug", "--set", "moe.routing=expert_choice", "-o", "{ws}/old_run"], "run format version 99"),
     ("train", ["train", "debug", "--set", "model.depth=3", "-o", "{ws}/run"], "holds a run with a different config"),
+    ("train", ["train", "debug", "--set", "moe.routing=expert_choice", "--set", "model.hidden_size=48",
+               "--set", "train.init_from={ws}/run", "-o", "{ws}/upcycled"], "train.init_from: model.hidden_size 32 in"),
+    ("train", ["train", "debug", "--set", "train.init_from={ws}/run", "-o", "{ws}/upcycled"],
+     "a dense run cannot start from it"),
+    ("train", ["train", "debug", "--set", "moe.routing=expert_choice", "--set", "train.init_from={ws}/unfinished",
+               "-o", "{ws}/upcycled"], "train.init_from: {ws}/unfinished has no final weights"),
+    ("train", ["train", "debug", "--set", "train.init_noise=0.01"],
+     "train.init_noise=0.01 is invalid: needs train.init_from"),
     # info
     ("info", ["info", "smal"], "'smal' is neither a config file nor a preset (did you mean 'small'?)"),
     ("info", ["info", "small", "--set", "moe.top_k=x"], "moe.top_k='x' is invalid: expected an integer"),
@@ -132,7 +140,7 @@ def test_bad_input_gets_one_clear_line_and_exit_code_2_and_leaves_files_intact(w
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert exit_info.value.code == 2, captured.err
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert lines[0].startswith("error: ") and message.format(ws=ws) in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert _snapshot(ws) == before
 

@@ -239,6 +239,9 @@ class TrainConfig:
     eval_images: int = 2  # images per prompt in that subset
     eval_cfg: float = DEFAULT_CFG_SCALE  # classifier-free guidance scale of that subset's sampling
     eval_fd: bool = False  # also FD-scenes of that subset (its scene network trains once, then is cached)
+    init_from: str = ""  # a finished run directory whose final weights start this run ('' = random init;
+    #                      dense -> MoE is sparse upcycling: experts copy the dense FFN, router at zero)
+    init_noise: float = 0.0  # upcycling: Gaussian noise on each expert's weights, relative to their RMS
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
@@ -266,6 +269,10 @@ class TrainConfig:
         )
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1) (0 = off)")
         _require(self.t_scale > 0, "train.t_scale", self.t_scale, "must be > 0")
+        _require(math.isfinite(self.init_noise) and self.init_noise >= 0, "train.init_noise", self.init_noise,
+                 "must be >= 0 (0 = experts are exact copies)")
+        _require(self.init_noise == 0 or bool(self.init_from), "train.init_noise", self.init_noise,
+                 "needs train.init_from (the noise perturbs experts copied from that run)")
 
 
 @dataclass

@@ -7,7 +7,8 @@ curves and `eval.json` (when present; else the run's own GenEval of its final st
 accepted too: its axes then come from its config.yaml and the tables are written into it.
 Beyond the listed columns, runs.csv has `val_t0..K-1` (the timesteps of `final_val_loss_t*`),
 `eval_prompts_with_any_correct` and, when the eval computed them, `eval_fd_scenes` and
-`eval_fd_scenes_floor`.
+`eval_fd_scenes_floor`; when a run started from another's weights (`train.init_from`),
+`init_from`, `init_flops` (the source run's training FLOPs) and `total_train_flops`.
 
 Decisions:
 - Runs are never dropped: pending, running, interrupted and failed runs keep their row and say
@@ -215,6 +216,13 @@ def _collect_run(
         s = _num(summary.get(key))
         out[key] = s if not math.isnan(s) else _num(row.get(key))
 
+    # An upcycled run (train.init_from) starts from weights that cost init_flops to train:
+    # total_train_flops is what a compute-matched comparison with a from-scratch run uses.
+    out["init_from"] = summary.get("init_from") or ""
+    init = _num(summary.get("init_flops"))
+    out["init_flops"] = 0.0 if math.isnan(init) else init
+    out["total_train_flops"] = out["train_flops"] + out["init_flops"]
+
     last_train = train[-1] if train else {}
     last_val = val[-1] if val else {}
     out["final_train_loss"] = _first(summary.get("final_train_loss"), last_train.get("train_loss"))
@@ -262,6 +270,7 @@ def _runs_frame(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
     k = max((len(r["_val_loss_t"]) for r in rows), default=0)
     kt = max((len(r["_val_t"]) for r in rows), default=0)
     eval_cols = sorted({c for r in rows for c in r if c.startswith("eval_")}, key=_eval_order)
+    upcycled = any(r.get("init_from") for r in rows)
     records = []
     for r in rows:
         rec = {c: r.get(c) for c in ["run_id", *axes, *ACCOUNTING, "final_train_loss", "final_val_loss"]}
@@ -271,6 +280,9 @@ def _runs_frame(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
             rec[f"val_t{i}"] = r["_val_t"][i] if i < len(r["_val_t"]) else math.nan
         for c in ("images_seen", "step", "steps", "wall_time_s", "status", "error"):
             rec[c] = r[c]
+        if upcycled:
+            for c in ("init_from", "init_flops", "total_train_flops"):
+                rec[c] = r.get(c, "" if c == "init_from" else math.nan)
         for c in eval_cols:
             rec[c] = r.get(c, math.nan)
         records.append(rec)

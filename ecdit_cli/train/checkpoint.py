@@ -4,7 +4,10 @@ Layout of `checkpoints/`:
 
     step00000100/            one DeepSpeed tag (model, optimizer and per-expert files, all ranks)
         ema_rank000.pt       this rank's EMA weights (experts are rank-local under EP)
-        ecdit_complete.json  written last, atomically, by rank 0: step and every file's size
+        portable/            MoE runs: the same state independent of the expert-parallel size
+                             (portable.py), read when a run resumes on another `moe.ep_size`
+        ecdit_complete.json  written last, atomically, by rank 0: step, expert-parallel size,
+                             whether portable/ is there, and every file's size
     latest                   the newest complete tag, replaced atomically (a hint only)
 
 A tag without `ecdit_complete.json` (killed mid-save) or whose files no longer have their
@@ -25,6 +28,7 @@ import torch
 
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ecdit_cli.train import portable
 
 COMPLETE = "ecdit_complete.json"
 
@@ -39,8 +43,10 @@ def _barrier() -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], ema_state: dict[str, torch.Tensor] | None,
-         rank: int, keep: int) -> str:
-    """Save on all ranks (DeepSpeed requires it); rank 0 seals the tag and prunes old ones."""
+         rank: int, keep: int, ep_size: int = 1, num_experts: int = 0) -> str:
+    """Save on all ranks (DeepSpeed requires it); rank 0 seals the tag and prunes old ones.
+
+    `num_experts` > 0 (an MoE run) also writes the portable state where the optimizer allows it."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if rank == 0 and tag_dir.exists():
@@ -55,10 +61,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], ema_st
         buf = io.BytesIO()
         torch.save(ema_state, buf)
         atomic_write_bytes(tag_dir / f"ema_rank{rank:03d}.pt", buf.getvalue())
+    has_portable = num_experts > 0 and portable.supported(engine)
+    if has_portable:
+        portable.save(engine, tag_dir, client_state, ema_state, rank, ep_size, num_experts)
     _barrier()
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        atomic_write_json(tag_dir / COMPLETE, {"step": step, "files": files})
+        atomic_write_json(tag_dir / COMPLETE, {"step": step, "ep_size": ep_size, "portable": has_portable,
+                                               "files": files})
         atomic_write_text(ckpt_dir / "latest", tag + "\n")
         for old in complete_tags(ckpt_dir)[keep:]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -96,6 +106,14 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, reverse=True)
 
 
+def record(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """A sealed tag's completion record ({} if unreadable: `verify` reports that)."""
+    try:
+        return json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def verify(ckpt_dir: Path, tag: str) -> str | None:
     """None if every recorded file exists with its recorded size, else what is wrong."""
     tag_dir = ckpt_dir / tag
@@ -112,8 +130,12 @@ def verify(ckpt_dir: Path, tag: str) -> str | None:
     return None
 
 
-def load_latest(engine, ckpt_dir: Path, rank: int, warn: Callable[[str], None]) -> tuple[dict[str, Any], dict | None] | None:
-    """Load the newest loadable checkpoint on all ranks; (client_state, ema_state) or None."""
+def load_latest(engine, ckpt_dir: Path, rank: int, warn: Callable[[str], None],
+                ep_size: int = 1) -> tuple[dict[str, Any], dict | None] | None:
+    """Load the newest loadable checkpoint on all ranks; (client_state, ema_state) or None.
+
+    A tag saved with another expert-parallel size (tags before this record say none: the same)
+    is read from its portable state, sliced for this layout; without one it is an error."""
     from ecdit_cli.train.engine import all_reduce
 
     candidates = complete_tags(ckpt_dir)
@@ -127,7 +149,19 @@ def load_latest(engine, ckpt_dir: Path, rank: int, warn: Callable[[str], None]) 
         ok = problem is None
         client: dict[str, Any] | None = None
         ema = None
-        if ok:
+        saved_ep = int(record(ckpt_dir, tag).get("ep_size", ep_size))
+        if ok and saved_ep != ep_size and not record(ckpt_dir, tag).get("portable"):
+            raise EcditError(
+                f"checkpoint {ckpt_dir / tag} was saved with moe.ep_size={saved_ep} and holds no portable expert "
+                f"state (written only with train.zero_stage=0 in fp32), so it cannot resume with "
+                f"moe.ep_size={ep_size}; resume with --ep {saved_ep}"
+            )
+        if ok and saved_ep != ep_size:
+            try:
+                client, ema = portable.load(engine, ckpt_dir / tag, rank, ep_size, ema_wanted=True)
+            except Exception as err:
+                ok, problem = False, f"{tag}: portable state cannot be loaded ({type(err).__name__}: {str(err)[:200]})"
+        elif ok:
             try:
                 path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
                 if path is None:

@@ -22,6 +22,7 @@ from ecdit_cli.train.records import (
     Callbacks,
     TrainingFailed,
     TrainingInterrupted,
+    check_init_source,
     check_resume_compatible,
     start_info,
     write_failed,
@@ -93,6 +94,7 @@ def train_one(cfg: RunConfig, run_dir: Path, nproc: int = 1, hostfile: str | Pat
         except TrainingFailed as err:
             return RunOutcome("failed", str(err))
     check_resume_compatible(cfg, run_dir)
+    check_init_source(cfg, run_dir)
     save_config(cfg, run_dir / rundir.CONFIG)
     cmd = launch_command(run_dir, nproc, str(hostfile) if hostfile else None, launcher,
                          master_port=free_port(), worker_args=["--quiet"] if quiet else None)

@@ -85,13 +85,34 @@ def batch_layout(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     return micro, B // (micro * world_size)
 
 
+def clips_by_hand(cfg: RunConfig, precision: str) -> bool:
+    """Whether the trainer clips gradients itself instead of DeepSpeed.
+
+    Without ZeRO in fp32, DeepSpeed clips by the mean over ranks of each rank's own norm (shared
+    parameters plus its local experts), which under expert parallelism is not the global norm,
+    so a clipped step on two processes would differ from the step on one. There the trainer
+    clips by `grad_norm` (experts counted once each). Elsewhere DeepSpeed's clipping stays: on one
+    expert-parallel rank the two agree, and ZeRO / bf16 hold the gradients themselves."""
+    return (cfg.moe.is_moe and cfg.moe.ep_size > 1 and cfg.train.zero_stage == 0 and precision == "fp32"
+            and cfg.train.grad_clip > 0)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float, norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)), as DeepSpeed's clip does."""
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
     micro, accum = batch_layout(cfg, world_size)
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": 0.0 if clips_by_hand(cfg, precision) else cfg.train.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "steps_per_print": 2**31 - 1,  # progress is ours
         "wall_clock_breakdown": False,

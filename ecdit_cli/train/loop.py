@@ -5,9 +5,10 @@ setup (run dir, lock, log) -> build (data, model, DeepSpeed engine, validation s
 
 Determinism: sample i of the training stream is a pure function of (data seed, i), and the
 noise, timesteps and caption dropout of step s are drawn from a generator seeded by
-(seed, s, rank, micro-batch) (step.py). A run therefore resumes exactly from a checkpoint's step
-alone; the checkpoint also carries the partial logging window, so a resumed run writes the same
-metrics as an uninterrupted one (tests check this on CPU).
+(seed, s, the micro-batch's place in the global batch) (step.py). A run therefore resumes
+exactly from a checkpoint's step alone; the checkpoint also carries the partial logging window
+(averaged over ranks), so a resumed run writes the same metrics as an uninterrupted one (tests
+check this on CPU), also on another expert-parallel size (portable.py).
 
 Faults: a non-finite loss or gradient norm stops the run before the optimizer step (or skips
 up to `train.max_bad_steps` such steps), SIGINT/SIGTERM checkpoint at the next step boundary
@@ -37,6 +38,7 @@ from ecdit_cli.train.records import (
     TrainingFailed,
     TrainingInterrupted,
     Window,
+    check_init_source,
     check_resume_compatible,
     now_iso,
     start_info,
@@ -65,6 +67,7 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
     run = _Run(cfg, Path(run_dir), callbacks or Callbacks())
     if run.main:
         check_resume_compatible(cfg, run.run_dir)
+        check_init_source(cfg, run.run_dir)
         run.lock.acquire()
     try:
         run.open_log()
@@ -95,7 +98,7 @@ class _Run:
     """The state of one training process: what it built, where it stands, what it has logged."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, cb: Callbacks) -> None:
-        from ecdit_cli.train.engine import batch_layout, resolve_precision, setup_distributed
+        from ecdit_cli.train.engine import batch_layout, clips_by_hand, resolve_precision, setup_distributed
 
         self.cfg, self.run_dir, self.cb = cfg, run_dir, cb
         self.t_start = time.time()
@@ -103,6 +106,7 @@ class _Run:
         self.main = self.dist.is_main
         self.micro, self.accum = batch_layout(cfg, self.dist.world_size)
         self.precision = resolve_precision(cfg, self.dist.device.type)
+        self.clip_by_hand = clips_by_hand(cfg, self.precision)
         self.lock = RunLock(run_dir / rundir.LOCK)
         self.ckpt_dir = run_dir / rundir.CHECKPOINTS
         self.log_file = None
@@ -149,6 +153,7 @@ class _Run:
         ep_rank = dist.rank % cfg.moe.ep_size if cfg.moe.is_moe else 0
         torch.manual_seed(cfg.train.seed)
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
+        self.init_from()
         self.engine = build_engine(cfg, self.model, self.precision, dist.world_size)
         if cfg.train.compile:
             self.engine.compile()  # DeepSpeed's wrapper of torch.compile, on the engine's module
@@ -158,10 +163,35 @@ class _Run:
         self.val_x = torch.from_numpy(val_images)
         self.val_text, self.val_mask = self.model.tokenize(val_captions)
 
+    def init_from(self) -> None:
+        """`train.init_from`: a fresh run starts from another run's final weights (upcycle.py),
+        before the engine copies them into its optimizer state; a resumed run keeps what its
+        checkpoint holds and only carries the record forward."""
+        from ecdit_cli.model.upcycle import initialise
+
+        t = self.cfg.train
+        self.init_info: dict[str, Any] = {}
+        self.fresh = not checkpoint.complete_tags(self.ckpt_dir)
+        if not t.init_from:
+            return
+        if self.fresh:
+            self.init_info = initialise(self.model, t.init_from, self.cfg, self.source.vocabulary())
+            if self.init_info["init_kind"] == "upcycle" and t.init_noise == 0:
+                self.log("warning: upcycled experts start as exact copies (train.init_noise=0); under expert "
+                         "choice their router gets no gradient and they stay copies (set train.init_noise, "
+                         "e.g. 0.01)")
+        elif self.main and (self.run_dir / rundir.SUMMARY).exists():
+            prev = rundir.read_summary(self.run_dir) or {}
+            self.init_info = {k: prev.get(k) for k in ("init_from", "init_kind", "init_flops")}
+
     def resume(self) -> None:
         """Restore the latest sealed checkpoint (if any) and cut the metrics back to its step."""
-        self.restored = checkpoint.load_latest(self.engine, self.ckpt_dir, self.dist.rank, warn=self.log)
+        self.restored = checkpoint.load_latest(self.engine, self.ckpt_dir, self.dist.rank, warn=self.log,
+                                               ep_size=self.cfg.moe.ep_size if self.cfg.moe.is_moe else 1)
         ema_state = None
+        if self.restored is None and not self.fresh and self.cfg.train.init_from:
+            raise EcditError(f"no checkpoint in {self.ckpt_dir} can be loaded, and train.init_from applies only to a "
+                             "fresh run; train into a new --out directory")
         if self.restored is not None:
             client, ema_state = self.restored
             self.step_done = int(client.get("step", 0))
@@ -214,10 +244,18 @@ class _Run:
             "params_total": acc.params_total, "params_active": acc.params_active,
             "params_text": acc.params_text, "flops_per_image": acc.flops_per_image,
             "train_flops": acc.train_flops(self.images_seen), "error": None,
+            **self.init_summary(),
             "ecdit_version": __version__, "updated_at": now_iso(),
             **extra,
         }
         atomic_write_json(self.run_dir / rundir.SUMMARY, self.summary)
+
+    def init_summary(self) -> dict[str, Any]:
+        """Where the weights came from, and the compute spent on them before this run: a study
+        compares upcycled and from-scratch MoE at equal `total_train_flops`."""
+        init_flops = self.init_info.get("init_flops") or 0.0
+        return {"init_from": self.init_info.get("init_from"), "init_kind": self.init_info.get("init_kind"),
+                "init_flops": init_flops, "total_train_flops": init_flops + self.acc.train_flops(self.images_seen)}
 
     def record(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
         rec = {"kind": kind, "step": self.step_done, "images_seen": self.images_seen,
@@ -260,10 +298,15 @@ class _Run:
                              "eval_seconds": time.time() - t0})
 
     def save_checkpoint(self) -> None:
+        from ecdit_cli.train.engine import all_reduce
+
+        moe = self.cfg.moe
         client = {"step": self.step_done, "images_seen": self.images_seen, "bad_steps": self.bad_steps,
-                  "wall_time_s": self.wall_time(), "window": self.window.state()}
+                  "wall_time_s": self.wall_time(),
+                  "window": self.window.state_over_ranks(all_reduce, self.dist.world_size)}
         checkpoint.save(self.engine, self.ckpt_dir, self.step_done, client, self.ema.shadow if self.ema else None,
-                        self.dist.rank, self.cfg.train.keep_checkpoints)
+                        self.dist.rank, self.cfg.train.keep_checkpoints, ep_size=moe.ep_size if moe.is_moe else 1,
+                        num_experts=moe.num_experts if moe.is_moe else 0)
 
     def fail(self, reason: str, message: str) -> None:
         self.write_summary("failed", error=reason + f"; last good checkpoint kept in {self.ckpt_dir}",
@@ -299,7 +342,7 @@ class _Run:
 
     def update(self, step: int, outcome: StepOutcome) -> float:
         """The optimizer step, or a skipped one (lr 0, zero gradients) after a bad step; returns its lr."""
-        from ecdit_cli.train.engine import lr_at
+        from ecdit_cli.train.engine import clip_gradients, lr_at
 
         lr = lr_at(step, self.cfg)
         if outcome.bad_reason:
@@ -312,6 +355,8 @@ class _Run:
             self.log(f"{outcome.bad_reason}: step skipped ({self.bad_steps}/{allowed} allowed)")
             zero_grads(self.engine.module)
             lr = 0.0  # a skipped step leaves the weights unchanged
+        elif self.clip_by_hand and outcome.grad_norm is not None:
+            clip_gradients(self.engine.module, self.cfg.train.grad_clip, outcome.grad_norm)
         optimizer_step(self.engine, lr)
         if outcome.grad_norm is None:
             outcome.grad_norm = deepspeed_grad_norm(self.engine)

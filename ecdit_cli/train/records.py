@@ -38,8 +38,9 @@ class Callbacks:
     on_message: Callable[[str], None] = lambda msg: None
 
 
-# Config keys that may change between a run's start and its resumption.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train.ckpt_every",
+# Config keys that may change between a run's start and its resumption (moe.ep_size through the
+# checkpoint's portable expert state, train/portable.py).
+RESUMABLE_CHANGES = {"moe.ep_size", "train.steps", "train.log_every", "train.val_every", "train.ckpt_every",
                      "train.keep_checkpoints", "train.threads", "train.device", "train.max_bad_steps",
                      "train.compile", "train.eval_every", "train.eval_per_tag", "train.eval_images",
                      "train.eval_cfg", "train.eval_fd"}
@@ -59,6 +60,15 @@ def check_resume_compatible(cfg: RunConfig, run_dir: Path) -> None:
             + (f"; {len(changed) - 1} more" if len(changed) > 1 else "")
             + "); use another --out directory or the same config"
         )
+
+
+def check_init_source(cfg: RunConfig, run_dir: Path) -> None:
+    """`train.init_from` of a run that has not started yet names a finished, compatible run
+    (a started run has its weights in its checkpoints and no longer needs the source)."""
+    from ecdit_cli.model.upcycle import check_source
+
+    if cfg.train.init_from and not any((run_dir / rundir.CHECKPOINTS).glob("step*/ecdit_complete.json")):
+        check_source(cfg)
 
 
 @dataclass
@@ -92,6 +102,17 @@ class Window:
 
     def state(self) -> dict[str, Any]:
         return {"sums": dict(self.sums), "steps": self.steps, "images": self.images, "seconds": self.seconds}
+
+    def state_over_ranks(self, reduce_sum: Callable[[list[float]], list[float]], world_size: int) -> dict[str, Any]:
+        """`state()` with the sums averaged over ranks (a collective: every rank calls it).
+
+        Every rank resumes with these sums, so `means` gives the same window mean on any number
+        of processes: world x the average equals the sum over the ranks that wrote them."""
+        s = self.state()
+        keys = sorted(self.sums)
+        if world_size > 1:
+            s["sums"] = {k: v / world_size for k, v in zip(keys, reduce_sum([self.sums[k] for k in keys]))}
+        return s
 
     @classmethod
     def from_state(cls, s: dict[str, Any] | None) -> Window:

@@ -1,9 +1,11 @@
 """One optimizer step: the micro-batches' forward and backward passes, then the update.
 
 Everything random in a step (noise, timesteps, caption dropout) comes from a generator seeded
-by (seed, step, rank, micro-batch), and sample i of the training stream is a pure function of
-(data seed, i): a step's inputs do not depend on what ran before it, so a resumed run repeats
-an uninterrupted one.
+by (seed, step, position of the micro-batch in the global batch), and sample i of the training
+stream is a pure function of (data seed, i): a step's inputs do not depend on what ran before
+it, so a resumed run repeats an uninterrupted one, and they do not depend on how the batch is
+laid out over processes either (at one `train.micro_batch_size`), so a run resumed on another
+number of processes (another expert-parallel size) trains on the same inputs.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from ecdit_cli.seeding import hash_seed
 from ecdit_cli.train.records import routing_stats
 
 
-def step_generator(cfg: RunConfig, step: int, rank: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash_seed(cfg.train.seed, step, rank, micro))
+def step_generator(cfg: RunConfig, step: int, slot: int) -> torch.Generator:
+    """The generator of the micro-batch at `slot` = m * world_size + rank, the position its
+    images hold in the global batch. The 0 stands where the rank once was: one-process runs
+    (slot = m) keep drawing exactly what they drew before the seed followed the position."""
+    return torch.Generator().manual_seed(hash_seed(cfg.train.seed, step, 0, slot))
 
 
 @dataclass
@@ -49,9 +54,9 @@ class StepOutcome:
 def micro_batch_inputs(ctx: StepContext, step: int, m: int) -> tuple[torch.Tensor, ...]:
     """(x_t, t, text, mask, drop, v) of micro-batch m of `step` on this rank, on the CPU."""
     cfg, dist, micro = ctx.cfg, ctx.dist, ctx.micro
-    first = step * cfg.train.batch_size + (m * dist.world_size + dist.rank) * micro
-    images, captions = ctx.source.batch("train", first, micro)
-    gen = step_generator(cfg, step, dist.rank, m)
+    slot = m * dist.world_size + dist.rank
+    images, captions = ctx.source.batch("train", step * cfg.train.batch_size + slot * micro, micro)
+    gen = step_generator(cfg, step, slot)
     x0 = torch.from_numpy(images)
     t = sample_timesteps(micro, cfg.train.t_mean, cfg.train.t_scale, gen)
     noise = torch.randn(x0.shape, generator=gen)
@@ -74,7 +79,13 @@ def forward_backward(ctx: StepContext, step: int, inputs=micro_batch_inputs) -> 
     def add(key: str, value: float) -> None:
         values[key] = values.get(key, 0.0) + value / accum
 
+    boundary = getattr(engine, "set_gradient_accumulation_boundary", None)
     for m in range(accum):
+        if boundary is not None:
+            # `engine.step()` runs once per optimizer step, after every micro-batch: tell DeepSpeed
+            # which backward ends the accumulation (its gradient reduction happens there), or its
+            # own micro-step counter would apply the update only on every accum-th call.
+            boundary(m == accum - 1)
         x_t, t, text, mask, drop, v = inputs(ctx, step, m)
         out = engine(x_t.to(device, ctx.dtype), t.to(device), text.to(device), mask.to(device), drop.to(device))
         mse = (out.velocity.float() - v.to(device)).square().mean()
