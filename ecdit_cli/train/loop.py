@@ -135,13 +135,12 @@ class _Run:
 
     def build(self) -> None:
         """Data, model (identical init on every rank; experts seeded per global id), engine."""
-        from ecdit_cli.data.sources import make_source
+        from ecdit_cli.model.inputs import text_inputs, training_source
         from ecdit_cli.model.t2i import TextToImage
         from ecdit_cli.train.engine import build_engine
 
-        cfg, d, dist = self.cfg, self.cfg.data, self.dist
-        self.source = make_source(d.source, image_size=cfg.model.input_size, channels=cfg.model.in_channels,
-                                  path=d.path, min_objects=d.min_objects, max_objects=d.max_objects, seed=d.seed)
+        cfg, dist = self.cfg, self.dist
+        self.source = training_source(cfg)  # pixels, latents (cached or encoded on the fly)
         ep_rank = dist.rank % cfg.moe.ep_size if cfg.moe.is_moe else 0
         torch.manual_seed(cfg.train.seed)
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
@@ -152,7 +151,7 @@ class _Run:
         val_n = (min(cfg.data.val_size, 10**9) // dist.world_size) * dist.world_size
         val_images, val_captions = self.source.val_set(val_n)
         self.val_x = torch.from_numpy(val_images)
-        self.val_text, self.val_mask = self.model.tokenize(val_captions)
+        self.val_text, self.val_mask = text_inputs(self.source, self.model, "val", 0, val_captions)
 
     def resume(self) -> None:
         """Restore the latest sealed checkpoint (if any) and cut the metrics back to its step."""

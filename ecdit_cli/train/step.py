@@ -16,6 +16,7 @@ import torch
 
 from ecdit_cli import deepspeed_compat
 from ecdit_cli.config import RunConfig
+from ecdit_cli.model.inputs import text_inputs
 from ecdit_cli.model.rectified_flow import interpolate, sample_timesteps
 from ecdit_cli.seeding import hash_seed
 from ecdit_cli.train.records import routing_stats
@@ -56,7 +57,7 @@ def micro_batch_inputs(ctx: StepContext, step: int, m: int) -> tuple[torch.Tenso
     t = sample_timesteps(micro, cfg.train.t_mean, cfg.train.t_scale, gen)
     noise = torch.randn(x0.shape, generator=gen)
     drop = torch.rand(micro, generator=gen) < cfg.text.caption_dropout
-    text, mask = ctx.model.tokenize(captions)
+    text, mask = text_inputs(ctx.source, ctx.model, "train", first, captions)
     x_t, v = interpolate(x0, noise, t)
     return x_t, t, text, mask, drop, v
 
