@@ -81,6 +81,16 @@ CASES = [
     ("train", ["train", "--sweep", "{ws}/empty_dir"], "is not a study directory (no manifest.csv)"),
     ("train", ["train", "debug", "--set", "moe.routing=expert_choice", "-o", "{ws}/old_run"], "run format version 99"),
     ("train", ["train", "debug", "--set", "model.depth=3", "-o", "{ws}/run"], "holds a run with a different config"),
+    # prepare, and the keys of your own data
+    ("prepare", ["prepare", "{ws}/run.yaml", "-o", "{ws}/cache"], "is a '.yaml' file; give a folder of images"),
+    ("prepare", ["prepare", "{ws}/empty_dir", "-o", "{ws}/cache"], "holds no images"),
+    ("prepare", ["prepare", "{ws}/table.csv", "-o", "{ws}/cache"], "needs a header with 'path' and 'caption'"),
+    ("prepare", ["prepare", "{ws}/empty_dir", "-o", "{ws}/cache", "--vae", "{ws}/empty_dir"], "has no config.json"),
+    ("prepare", ["prepare", "{ws}/empty_dir", "-o", "{ws}/cache", "--image-size", "0"], "--image-size must be >= 1"),
+    ("train", ["train", "debug", "--set", "data.source=prepared"], "data.path='' is invalid"),
+    ("train", ["train", "debug", "--set", "model.space=latent"], "model.vae_path='' is invalid"),
+    ("train", ["train", "debug", "--set", "text.encoder=hf"], "text.hf_path='' is invalid"),
+    ("train", ["train", "debug", "--set", "model.space=latnet"], "model.space='latnet' is invalid"),
     # info
     ("info", ["info", "smal"], "'smal' is neither a config file nor a preset (did you mean 'small'?)"),
     ("info", ["info", "small", "--set", "moe.top_k=x"], "moe.top_k='x' is invalid: expected an integer"),
