@@ -66,5 +66,6 @@ def prepare(
     what = "latents" if summary.space == "latent" else "images"
     console.print(f"{summary.cache}: {summary.written} {what} written from {summary.items} {summary.source_kind} "
                   f"items in {summary.shards} shard(s){resumed}; skipped {skipped} ({why})", markup=False)
-    console.print(f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} items/s; train on it with "
-                  f"--set data.source=prepared --set data.path={summary.cache}", markup=False)
+    speed = ("nothing left to do" if summary.resumed_shards == summary.shards
+             else f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} items/s")
+    console.print(f"{speed}; train on it with --set data.source=prepared --set data.path={summary.cache}", markup=False)
