@@ -1,6 +1,7 @@
 """Latent diffusion (model.space=latent) and pretrained text encoders (text.encoder=hf), end to end."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -180,3 +181,17 @@ def test_minilm_is_the_same_frozen_encoder_path_on_its_own_folder(tiny_models, t
                                                     "text.width=64"])
     with pytest.raises(EcditError, match=r"text.width=64 must equal the hidden size .* \(32\): --set text.width=32"):
         TextToImage(bad, ["a"])
+
+
+@pytest.mark.parametrize("module,call,extra", [
+    ("diffusers", lambda m: __import__("ecdit_cli.model.vae", fromlist=["VAE"]).VAE(m["vae"]), ".[latent]"),
+    ("transformers", lambda m: __import__("ecdit_cli.model.text", fromlist=["x"]).FrozenTextEncoder(m["t5"], 16),
+     ".[hf]"),
+    ("webdataset", lambda m: __import__("ecdit_cli.data.collection", fromlist=["x"]).open_collection("x-{0..1}.tar"),
+     ".[data]"),
+])
+def test_a_missing_optional_library_is_one_line_naming_the_extra_to_install(module, call, extra, tiny_models,
+                                                                          monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # import now fails, as when not installed
+    with pytest.raises(EcditError, match=re.escape(f"pip install -e '{extra}'")):
+        call(tiny_models)

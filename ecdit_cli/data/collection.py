@@ -193,7 +193,8 @@ def open_collection(source: str | Path) -> Collection:
     """The collection at `source`, recognised by its form; anything else names what is accepted."""
     text = str(source)
     if "{" in text and text.endswith(".tar"):
-        import braceexpand
+        _require_webdataset()
+        import braceexpand  # webdataset's own dependency, which expands its shard patterns
 
         urls = list(braceexpand.braceexpand(text))
         missing = [u for u in urls if not Path(u).is_file()]

@@ -37,8 +37,9 @@ def cache_requirements(cfg: RunConfig) -> dict[str, Any]:
     return want
 
 
-def training_source(cfg: RunConfig):
-    """The run's data source (module docstring); raises one line when a cache does not fit the run."""
+def training_source(cfg: RunConfig, device: str = "cpu"):
+    """The run's data source (module docstring); raises one line when a cache does not fit the run.
+    `device` runs the VAE that encodes on the fly (the training device)."""
     d, m = cfg.data, cfg.model
     if d.source == "prepared":
         from ecdit_cli.data.prepared import PreparedSource, cache_mismatches
@@ -52,9 +53,9 @@ def training_source(cfg: RunConfig):
         return source
     if m.space == "latent":
         from ecdit_cli.model.t2i import latent_vae
-        from ecdit_cli.model.vae import LatentSource
+        from ecdit_cli.model.vae import LatentSource, load_vae
 
-        vae = latent_vae(cfg)
+        vae = load_vae(latent_vae(cfg).path, str(device))
         pixels = make_source(d.source, image_size=m.input_size * vae.downsample, channels=vae.image_channels,
                              path=d.path, min_objects=d.min_objects, max_objects=d.max_objects, seed=d.seed)
         return LatentSource(pixels, vae)

@@ -44,6 +44,18 @@ class TextToImage(nn.Module):
     def vae(self):
         return self._vae[0] if self._vae else None
 
+    def frozen_to(self, device) -> TextToImage:
+        """Put the frozen text encoder and VAE on `device` (the module's own `.to` cannot see them)."""
+        from ecdit_cli.model.text import frozen_encoder_dir, load_text_encoder
+        from ecdit_cli.model.vae import load_vae
+
+        device = str(device)
+        if self._frozen:
+            self._frozen[0] = load_text_encoder(frozen_encoder_dir(self.cfg.text), self.cfg.text.max_len, device)
+        if self._vae:
+            self._vae[0] = load_vae(self.cfg.model.vae_path, device)
+        return self
+
     def image_shape(self) -> tuple[int, int]:
         """(channels, side) of the images this model draws: the DiT's input, or its decoded latents."""
         m = self.cfg.model

@@ -140,11 +140,12 @@ class _Run:
         from ecdit_cli.train.engine import build_engine
 
         cfg, dist = self.cfg, self.dist
-        self.source = training_source(cfg)  # pixels, latents (cached or encoded on the fly)
+        self.source = training_source(cfg, str(dist.device))  # pixels, latents (cached or encoded on the fly)
         ep_rank = dist.rank % cfg.moe.ep_size if cfg.moe.is_moe else 0
         torch.manual_seed(cfg.train.seed)
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
         self.engine = build_engine(cfg, self.model, self.precision, dist.world_size)
+        self.model.frozen_to(self.engine.device)  # a frozen encoder / VAE runs where the DiT does
         if cfg.train.compile:
             self.engine.compile()  # DeepSpeed's wrapper of torch.compile, on the engine's module
         self.acc = count(cfg, vocab_size=len(self.model.tokenizer.vocab))
