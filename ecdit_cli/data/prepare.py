@@ -19,6 +19,7 @@ re-run with other settings (or a changed collection) is refused, naming the diff
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import time
 from collections import Counter
@@ -163,8 +164,12 @@ def prepare(
         on_progress(start_item, len(collection))
     for k in range(done, num_shards):
         count = min(options.shard_size, len(collection) - k * options.shard_size)
-        _write_shard(cache, k, [next(items) for _ in range(count)], options, image_encoder, text_encoder,
-                     k * options.shard_size, len(collection), on_progress)
+        batch = list(itertools.islice(items, count))
+        if len(batch) < count:
+            raise EcditError(f"source {source} listed {len(collection)} items but yielded only "
+                             f"{k * options.shard_size + len(batch)} (did it change while being read?)")
+        _write_shard(cache, k, batch, options, image_encoder, text_encoder, k * options.shard_size,
+                     len(collection), on_progress)
         processed += count
         if on_shard is not None:
             on_shard(k, num_shards)
