@@ -195,3 +195,23 @@ def test_a_missing_optional_library_is_one_line_naming_the_extra_to_install(modu
     monkeypatch.setitem(__import__("sys").modules, module, None)  # import now fails, as when not installed
     with pytest.raises(EcditError, match=re.escape(f"pip install -e '{extra}'")):
         call(tiny_models)
+
+
+def test_the_default_path_trains_and_samples_without_importing_any_optional_library(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ecdit_cli.config import resolve_config\n"
+        "from ecdit_cli.evaluate.sample import sample_run\n"
+        "from ecdit_cli.train.loop import train\n"
+        f"train(resolve_config(preset='debug', overrides={BASE + ['train.steps=2']!r}), {str(tmp_path / 'r')!r})\n"
+        f"sample_run({str(tmp_path / 'r')!r}, ['a red circle'], n=1, steps=2)\n"
+        "print(sorted(m for m in ('diffusers', 'transformers', 'webdataset', 'tokenizers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
