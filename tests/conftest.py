@@ -45,3 +45,26 @@ def small_fd_network(tmp_path_factory):
         mp.setattr(fd, "TRAIN_IMAGES", 3000)
         mp.setattr(fd, "TRAIN_STEPS", 300)
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random stand-ins for pretrained weights (scripts/tiny_pretrained.py): vae/, t5/, clip/."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from fixtures_own_data import tiny_pretrained
+
+    root = tmp_path_factory.mktemp("pretrained")
+    return {name: build(root / name) for name, build in (("vae", tiny_pretrained.tiny_vae),
+                                                          ("t5", tiny_pretrained.tiny_t5),
+                                                          ("clip", tiny_pretrained.tiny_clip))}
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory):
+    """40 rendered scenes as 000000.png + 000000.txt, ... (scripts/scenes_folder.py)."""
+    from fixtures_own_data import scenes_folder
+
+    out = tmp_path_factory.mktemp("own") / "scenes"
+    scenes_folder.write_scenes(out, 40)
+    return out

@@ -89,6 +89,16 @@ CASES = [
                "-o", "{ws}/upcycled"], "train.init_from: {ws}/unfinished has no final weights"),
     ("train", ["train", "debug", "--set", "train.init_noise=0.01"],
      "train.init_noise=0.01 is invalid: needs train.init_from"),
+    # prepare, and the keys of your own data
+    ("prepare", ["prepare", "{ws}/run.yaml", "-o", "{ws}/cache"], "is a '.yaml' file; give a folder of images"),
+    ("prepare", ["prepare", "{ws}/empty_dir", "-o", "{ws}/cache"], "holds no images"),
+    ("prepare", ["prepare", "{ws}/table.csv", "-o", "{ws}/cache"], "needs a header with 'path' and 'caption'"),
+    ("prepare", ["prepare", "{ws}/empty_dir", "-o", "{ws}/cache", "--vae", "{ws}/empty_dir"], "has no config.json"),
+    ("prepare", ["prepare", "{ws}/empty_dir", "-o", "{ws}/cache", "--image-size", "0"], "--image-size must be >= 1"),
+    ("train", ["train", "debug", "--set", "data.source=prepared"], "data.path='' is invalid"),
+    ("train", ["train", "debug", "--set", "model.space=latent"], "model.vae_path='' is invalid"),
+    ("train", ["train", "debug", "--set", "text.encoder=hf"], "text.hf_path='' is invalid"),
+    ("train", ["train", "debug", "--set", "model.space=latnet"], "model.space='latnet' is invalid"),
     # info
     ("info", ["info", "smal"], "'smal' is neither a config file nor a preset (did you mean 'small'?)"),
     ("info", ["info", "small", "--set", "moe.top_k=x"], "moe.top_k='x' is invalid: expected an integer"),

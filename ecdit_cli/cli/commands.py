@@ -13,6 +13,7 @@ import typer
 # (command name, module under ecdit_cli.cli, attribute): a function, or a Typer app for groups.
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("prepare", "prepare", "prepare"),
     ("train", "train", "train"),
     ("sweep", "sweep", "sweep"),
     ("status", "sweep", "status"),

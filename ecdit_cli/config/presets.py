@@ -4,7 +4,8 @@ A preset is a function returning config overrides (nested dict); any routing and
 can be combined with any preset. Paper presets follow the paper's Table 1 (docs/paper.md):
 hidden, depth, heads, KV heads; head dim 64. The parts the paper does not state are our
 choices, documented here: latent input 32x32x4 with patch 2 (256x256 images through an 8x VAE,
-256 tokens; data from a folder of precomputed latents, `data.source: folder`), a 768-wide text
+256 tokens; train them on a latent cache: `ecdit prepare --vae`, `data.source: prepared`,
+`model.space: latent`), a 768-wide text
 encoder (CLIP-L-like) with 77 tokens, DiT-style per-block adaLN-Zero. `m` is dense M
 (46 blocks); `m-moe` is the 38-block backbone of EC-DiT-M-64E (Table 1: "46 dense, 38 MoE").
 

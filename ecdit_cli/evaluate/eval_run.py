@@ -59,11 +59,13 @@ EXAMPLES_PER_TAG = 6
 
 
 def check_scenes_run(cfg) -> None:
-    """GenEval needs the scenes' exact detector: only runs trained on `data.source=scenes` qualify."""
-    if cfg.data.source != "scenes":
+    """GenEval needs the scenes' exact detector: runs trained on `data.source=scenes` qualify, and
+    runs on a prepared cache (which may hold rendered scenes, as the README's example does; on
+    other images the detector's verdicts say little)."""
+    if cfg.data.source not in ("scenes", "prepared"):
         raise EcditError(f"eval scores images of the built-in scenes; this run was trained on "
                          f"data.source={cfg.data.source} (use `ecdit sample` to look at its images)")
-    if cfg.model.in_channels != 3:
+    if cfg.model.space == "pixel" and cfg.model.in_channels != 3:
         raise EcditError(f"eval needs RGB images; this run has model.in_channels={cfg.model.in_channels}")
 
 

@@ -6,6 +6,9 @@ v = v_u + s (v_c - v_u) (`rectified_flow.cfg_combine`); the unconditional pass u
 learned null caption (`drop=True`), exactly as training dropped captions. Both passes share one
 forward (the batch is [conditional; unconditional]); several images are sampled together.
 
+In latent space (`model.space=latent`) the Euler steps run on latents and the VAE decodes
+x_0 once at the end; images come back at the VAE's output size.
+
 Determinism: the initial noise of image j of prompt i is a pure function of (seed, i, j)
 (numpy's SeedSequence, so it is the same on every host and device). With per-image routing
 groups (the default) the network itself is batch-independent, so an image does not depend on
@@ -171,7 +174,9 @@ def sample_images(
     text_all, mask_all = tokenize_prompts(model, prompts)
     device = next(model.parameters()).device
     m = cfg.model
-    C, H = m.in_channels, m.input_size
+    C, H = m.in_channels, m.input_size  # the DiT's input: pixels, or latent cells
+    C_img, H_img = model.image_shape() if hasattr(model, "image_shape") else (C, H)
+    to_pixels = getattr(model, "to_pixels", lambda x: x)
     grid = H // m.patch_size
     T = grid * grid
     P = len(prompts)
@@ -185,7 +190,7 @@ def sample_images(
         requested = np.zeros((steps, L, E), dtype=np.int64)
         kept = np.zeros((steps, L, E), dtype=np.int64)
 
-    out = np.empty((P * n, H, H, C), dtype=np.float32)
+    out = np.empty((P * n, H_img, H_img, C_img), dtype=np.float32)
     for start, stop in _chunks(len(pairs), batch_size):
         idx = [pairs[k][0] for k in range(start, stop)]
         B = stop - start
@@ -203,7 +208,7 @@ def sample_images(
                     requested[step, layer] += r.tokens_per_expert_E.cpu().numpy().astype(np.int64)
                     kept[step, layer] += (r.token_idx_EC < r.num_tokens).sum(dim=1).cpu().numpy()
         x0 = _integrate(model, noise.to(device), text, mask, cfg_scale, steps, shift, record, on_step)
-        out[start:stop] = ((x0.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        out[start:stop] = ((to_pixels(x0).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         if on_progress is not None:
             on_progress(stop, len(pairs))
 
@@ -216,7 +221,8 @@ def sample_images(
         )
     settings = {"cfg": float(cfg_scale), "steps": int(steps), "seed": int(seed), "shift": float(shift), "n": int(n),
                 "wall_time_s": time.time() - t_start}
-    return SampleResult(prompts=prompts, images=out.reshape(P, n, H, H, C), settings=settings, routing=routing)
+    return SampleResult(prompts=prompts, images=out.reshape(P, n, H_img, H_img, C_img), settings=settings,
+                        routing=routing)
 
 
 def sample_run(run_dir: str | Path, prompts: Sequence[str], n: int = 4, cfg_scale: float = DEFAULT_CFG_SCALE,

@@ -48,4 +48,4 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise EcditError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device).eval(), cfg
+    return model.to(device).frozen_to(device).eval(), cfg

