@@ -21,10 +21,10 @@ from ecdit_cli import RUN_FORMAT_VERSION
 from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE
 from ecdit_cli.errors import ConfigError
 
-Routing = Literal["dense", "token_choice", "expert_choice"]
+Routing = Literal["dense", "token_choice", "expert_choice", "race"]
 ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
 # Short forms used in run ids and tables.
-ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec"}
+ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec", "race": "race"}
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -101,6 +101,10 @@ class MoEConfig:
     ep_size: int = 1  # expert-parallel ranks; divides num_experts and the process count
     deepspeed_layer: bool = False  # force DeepSpeed's MOELayer dispatch even when ep_size == 1
     force_balanced: bool = False  # debug: route uniformly at random (throughput runs only)
+    # Batch-level groups and race routing (Race-DiT arXiv 2503.16057; DiffMoE's batch pool):
+    routing_group: Literal["image", "batch"] = "image"  # EC / race: one image per group, or the local micro-batch (training; eval routes per image)
+    race_threshold_momentum: float = 0.99  # race: EMA momentum of each layer's learned inference threshold
+    race_inference: Literal["threshold", "topk"] = "threshold"  # race in eval mode: learned threshold, or the group's top-k
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, "moe.routing", self.routing, f"allowed: {', '.join(ROUTINGS)}")
@@ -140,6 +144,22 @@ class MoEConfig:
                 self.ep_size,
                 f"must divide moe.num_experts={self.num_experts}",
             )
+
+        self._check_race()
+
+    def _check_race(self) -> None:
+        _require(self.routing_group in ("image", "batch"), "moe.routing_group", self.routing_group,
+                 "allowed: image, batch")
+        if self.routing_group == "batch":
+            _require(self.routing in ("expert_choice", "race"), "moe.routing_group", self.routing_group,
+                     f"batch groups apply to moe.routing=expert_choice or race, not moe.routing={self.routing} "
+                     "(use moe.routing_group=image)")
+            _require(self.group_size == 0, "moe.group_size", self.group_size,
+                     "must be 0 with moe.routing_group=batch (the group is the whole micro-batch)")
+        _require(0 <= self.race_threshold_momentum < 1, "moe.race_threshold_momentum",
+                 self.race_threshold_momentum, "must be in [0, 1)")
+        _require(self.race_inference in ("threshold", "topk"), "moe.race_inference", self.race_inference,
+                 "allowed: threshold, topk")
 
     @property
     def is_moe(self) -> bool:
