@@ -4,6 +4,7 @@ the learned inference threshold, batch independence at inference, resume and ref
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,3 +303,52 @@ def test_a_race_run_resumes_exactly_with_its_threshold_checkpointed(tmp_path):
     gate = next(m for m in model.modules() if hasattr(m, "race_threshold"))
     assert float(gate.race_threshold) == float(a["ema"][keys[0]]) > 0
     assert json.loads((tmp_path / "cut" / rundir.SUMMARY).read_text())["status"] == "done"
+
+
+@pytest.fixture(scope="module")
+def race_run(tmp_path_factory):
+    """A finished race run of the debug preset (batch-level groups in training)."""
+    from conftest import train_debug_run
+
+    return train_debug_run(tmp_path_factory.mktemp("runs") / "race", "race", "moe.routing_group=batch")
+
+
+def test_race_sampling_reports_measured_experts_per_token_and_the_activated_flops_they_cost(race_run):
+    from ecdit_cli.evaluate.sample import sample_run
+    from ecdit_cli.model.accounting import count, flops_at_slots, vocab_size
+    from ecdit_cli.model.load import load_run
+
+    prompts = ["a red circle", "two blue squares"]
+    by_threshold = sample_run(race_run, prompts, n=2, steps=2, record_routing=True)
+    _, cfg = load_run(race_run)
+    s = by_threshold.settings
+    assert s["race_mode"] == "threshold"
+    assert s["slots_per_token"] == pytest.approx(float(by_threshold.routing.experts_per_token.mean()), rel=0.05)
+    assert s["flops_per_image"] == pytest.approx(flops_at_slots(cfg, s["slots_per_token"]))
+    topk = sample_run(race_run, prompts, n=2, steps=2, race_mode="topk")
+    assert topk.settings["race_mode"] == "topk" and topk.settings["slots_per_token"] == pytest.approx(2.0)
+    assert topk.settings["flops_per_image"] == pytest.approx(count(cfg, vocab_size(cfg)).flops_per_image)
+    # By threshold, an image is the same whether sampled alone or with other prompts.
+    alone = sample_run(race_run, prompts[:1], n=1, steps=2)
+    np.testing.assert_allclose(alone.images[0, 0], by_threshold.images[0, 0], atol=1e-5)
+
+
+def test_race_eval_in_top_k_mode_writes_beside_the_runs_own_eval_json(race_run):
+    from ecdit_cli.evaluate.eval_run import evaluate_run
+
+    own = evaluate_run(race_run, n=1, steps=2, per_tag=1, fd=False)
+    before = (race_run / rundir.EVAL).read_bytes()
+    other = evaluate_run(race_run, n=1, steps=2, per_tag=1, fd=False, race_mode="topk")
+    assert (race_run / rundir.EVAL).read_bytes() == before
+    assert json.loads((race_run / "eval_topk.json").read_text()) == json.loads(json.dumps(other))
+    assert own["settings"]["race_mode"] == "threshold" and other["settings"]["race_mode"] == "topk"
+    assert other["settings"]["slots_per_token"] == pytest.approx(2.0)
+    assert own["flops_per_image"] > 0 and own["settings"]["slots_per_token"] > 0
+
+
+def test_analyze_on_a_race_run_reports_its_measured_experts_per_token(race_run, tmp_path):
+    from ecdit_cli.evaluate.allocation import analyze_run
+
+    doc, files = analyze_run(race_run, out_dir=tmp_path, prompts=["a red circle"], n=1, steps=2, scenes_per_tag=1)
+    assert doc["routing"] == "race" and doc["race_mode"] == "threshold" and doc["routing_group"] == "batch"
+    assert doc["slots_per_token_measured"] > 0 and files["json"].is_file()

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ecdit_cli import deepspeed_compat
-from ecdit_cli.model.routing import RoutingResult, expert_choice, pad_capacity, race, slots_to_routes, token_choice
+from ecdit_cli.model.routing import (
+    RoutingResult,
+    expert_choice,
+    pad_capacity,
+    race,
+    slots_to_routes,
+    token_choice,
+)
 from ecdit_cli.seeding import hash_seed
 
 DeepSpeedMoE, MOELayer = deepspeed_compat.moe_classes()
