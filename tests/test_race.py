@@ -352,3 +352,34 @@ def test_analyze_on_a_race_run_reports_its_measured_experts_per_token(race_run, 
     doc, files = analyze_run(race_run, out_dir=tmp_path, prompts=["a red circle"], n=1, steps=2, scenes_per_tag=1)
     assert doc["routing"] == "race" and doc["race_mode"] == "threshold" and doc["routing_group"] == "batch"
     assert doc["slots_per_token_measured"] > 0 and files["json"].is_file()
+
+
+def test_a_sweep_over_routing_groups_collapses_the_axis_for_dense_and_token_choice_and_names_race_points():
+    from ecdit_cli.model.accounting import count
+    from ecdit_cli.study.labels import series_labels
+    from ecdit_cli.study.spec import make_sweep, parse_spec, run_id_for_config
+
+    spec = parse_spec({"name": "v", "grid": {"size": ["debug"], "routing": ["dense", "token_choice", "expert_choice",
+                                                                            "race"],
+                                             "num_experts": [8], "capacity_factor": [2.0], "top_k": [2],
+                                             "routing_group": ["image", "batch"], "steps": [10]}})
+    points = {p.run_id: p for p in make_sweep(spec)}
+    assert sorted(points) == sorted(["debug-dense-s0", "debug-tc-e8-k2-s0", "debug-ec-e8-f2-image-s0",
+                                     "debug-ec-e8-f2-batch-s0", "debug-race-e8-f2-image-s0",
+                                     "debug-race-e8-f2-batch-s0"])
+    assert points["debug-race-e8-f2-batch-s0"].config.moe.routing_group == "batch"
+    assert points["debug-tc-e8-k2-s0"].config.moe.routing_group == "image"
+    # The dense point is matched to the reference MoE point's FLOPs; race costs the same as EC.
+    flops = {rid: count(p.config).flops_per_image for rid, p in points.items()}
+    assert flops["debug-race-e8-f2-batch-s0"] == flops["debug-ec-e8-f2-image-s0"]
+    assert flops["debug-dense-s0"] == pytest.approx(flops["debug-ec-e8-f2-image-s0"], rel=1e-3)
+    single = resolve_config(preset="debug", overrides=["moe.routing=race", "moe.routing_group=batch"])
+    assert run_id_for_config(single) == "debug-race-e8-f2-batch-s0"
+    assert run_id_for_config(resolve_config(preset="debug", overrides=["moe.routing=race"])) == "debug-race-e8-f2-s0"
+    import pandas as pd
+
+    runs = pd.DataFrame([{"routing": p.axes["routing"], "routing_group": p.axes.get("routing_group")}
+                         for p in points.values()])
+    assert set(series_labels(runs, ["routing", "routing_group"])) == {
+        "dense", "token_choice", "expert_choice group=image", "expert_choice group=batch", "race group=image",
+        "race group=batch"}
