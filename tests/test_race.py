@@ -383,3 +383,24 @@ def test_a_sweep_over_routing_groups_collapses_the_axis_for_dense_and_token_choi
     assert set(series_labels(runs, ["routing", "routing_group"])) == {
         "dense", "token_choice", "expert_choice group=image", "expert_choice group=batch", "race group=image",
         "race group=batch"}
+
+
+def test_a_study_with_race_points_trains_and_plots_race_statistics_in_its_own_colour(tmp_path):
+    from ecdit_cli.cli import main
+    from ecdit_cli.study.figure_style import routing_color
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: r\nbase: {train: {batch_size: 4, val_every: 4, log_every: 2, ckpt_every: 4, "
+                    "val_timesteps: 2, warmup_steps: 1}, data: {val_size: 4}}\n"
+                    "grid: {size: [debug], routing: [dense, race], routing_group: [batch], steps: [4]}\n")
+    for args in (["sweep", str(spec), "-o", str(tmp_path / "r")], ["train", "--sweep", str(tmp_path / "r")],
+                 ["plot", str(tmp_path / "r")]):
+        try:
+            main(args)
+        except SystemExit as e:
+            assert not e.code, args
+    runs = (tmp_path / "r" / "runs.csv").read_text()
+    assert "debug-race-s0" in runs and "debug-dense-s0" in runs
+    assert (tmp_path / "r" / "plots" / "race_stats.png").is_file()
+    assert "race_stats" in (tmp_path / "r" / "report.md").read_text()
+    assert routing_color("race") not in {routing_color(r) for r in ("dense", "token_choice", "expert_choice")}
