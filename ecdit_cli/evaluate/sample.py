@@ -11,7 +11,9 @@ Determinism: the initial noise of image j of prompt i is a pure function of (see
 groups (the default) the network itself is batch-independent, so an image does not depend on
 which other prompts or how many images share its batch (to float rounding). With pooled groups
 (`moe.group_size` > tokens per image) images compete for the same experts, so an image depends
-on its batch neighbours by design (the paper's pooled inference groups).
+on its batch neighbours by design (the paper's pooled inference groups). Batch-level groups
+(`moe.routing_group: batch`) are a training pool only: in eval mode they route per image, and
+race routes by its learned threshold, so both stay batch-independent here.
 
 Defaults: cfg scale 4.0 (PixArt / SD3 use 4.5-7 at 256 px; on a `tiny` scenes run, 4 drew
 fewer spurious objects for one-object prompts than 1 or 2), 30 Euler steps (rectified-flow
