@@ -135,7 +135,8 @@ def build_layer(variant: str, shape: LayerShape, capacity_factor: float = 2.0, p
         return _Ours("expert_choice", shape, capacity_factor, pool, False)
     if variant in ("ec_batch", "race_batch"):
         # Batch-level groups (training mode, as benchmarked): every token of the batch in one group.
-        return _Ours("race" if variant == "race_batch" else "expert_choice", shape, capacity_factor, 0, False, "batch")
+        routing = "race" if variant == "race_batch" else "expert_choice"
+        return _Ours(routing, shape, capacity_factor, 0, False, "batch")
     if variant == "race_image":
         return _Ours("race", shape, capacity_factor, T, False)
     raise EcditError(f"variant {variant!r} is invalid: allowed: {', '.join(VARIANTS)}")

@@ -99,7 +99,8 @@ def sample(
     check_settings(n, cfg, steps, seed, shift)
     _check_race_mode(race_mode)
     console = _console()
-    suffix = ("" if capacity_factor is None else f"-f{capacity_factor:g}") + ("" if race_mode is None else f"-{race_mode}")
+    suffix = "" if capacity_factor is None else f"-f{capacity_factor:g}"
+    suffix += "" if race_mode is None else f"-{race_mode}"
     target = out or Path(run_dir) / "samples" / f"seed{seed}{suffix}.png"
     if target.suffix.lower() != ".png":
         raise EcditError(f"--out must be a .png file, got {target}")

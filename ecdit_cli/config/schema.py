@@ -102,9 +102,10 @@ class MoEConfig:
     deepspeed_layer: bool = False  # force DeepSpeed's MOELayer dispatch even when ep_size == 1
     force_balanced: bool = False  # debug: route uniformly at random (throughput runs only)
     # Batch-level groups and race routing (Race-DiT arXiv 2503.16057; DiffMoE's batch pool):
-    routing_group: Literal["image", "batch"] = "image"  # EC / race: one image per group, or the local micro-batch (training; eval routes per image)
+    # EC / race: one image per group, or the whole local micro-batch in training (eval mode: per image)
+    routing_group: Literal["image", "batch"] = "image"
     race_threshold_momentum: float = 0.99  # race: EMA momentum of each layer's learned inference threshold
-    race_inference: Literal["threshold", "topk"] = "threshold"  # race in eval mode: learned threshold, or the group's top-k
+    race_inference: Literal["threshold", "topk"] = "threshold"  # race in eval mode: learned threshold or top-k
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, "moe.routing", self.routing, f"allowed: {', '.join(ROUTINGS)}")

@@ -153,7 +153,8 @@ class DiTBlock(nn.Module):
         if self.is_moe:
             self.mlp = MoEFeedForward(
                 D, m.mlp_hidden, moe.num_experts, moe.routing, moe.capacity_factor, moe.top_k,
-                0 if moe.routing_group == "batch" else moe.group_size or m.tokens_per_image, moe.normalize_top_k, moe.ep_size,
+                0 if moe.routing_group == "batch" else moe.group_size or m.tokens_per_image,
+                moe.normalize_top_k, moe.ep_size,
                 moe.deepspeed_layer, moe.force_balanced, ep_rank,
                 **race_kwargs(cfg),
             )

@@ -128,7 +128,7 @@ def _stack_experts_state(module: GroupedExperts, state_dict: dict, prefix: str, 
 
 
 class Router(nn.Module):
-    """Linear router (no bias) + EC or TC routing; also DeepSpeed's gate for MOELayer.
+    """Linear router (no bias) + EC, TC or race routing; also DeepSpeed's gate for MOELayer.
 
     As a gate it follows the 0.19.4+ contract: `forward(x_SD, used_token, sparse_routes,
     use_tutel)` returns (l_aux, capacity, E, indices[K,S], locations[K,S], gates[K,S],
