@@ -241,6 +241,7 @@ def test_the_race_threshold_stays_fp32_when_the_model_is_cast_to_bf16():
      "moe.group_size=128 is invalid: must be 0 with moe.routing_group=batch"),
     (["moe.routing=race", "moe.race_threshold_momentum=1.0"], "moe.race_threshold_momentum=1.0 is invalid"),
     (["moe.routing=race", "moe.routing_group=pool"], "moe.routing_group"),
+    (["moe.routing=race", "moe.race_expert_cap=-1"], "moe.race_expert_cap=-1.0 is invalid: must be >= 0"),
 ])
 def test_bad_race_and_batch_group_combinations_give_one_line_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -404,3 +405,29 @@ def test_a_study_with_race_points_trains_and_plots_race_statistics_in_its_own_co
     assert (tmp_path / "r" / "plots" / "race_stats.png").is_file()
     assert "race_stats" in (tmp_path / "r" / "report.md").read_text()
     assert routing_color("race") not in {routing_color(r) for r in ("dense", "token_choice", "expert_choice")}
+
+
+def test_an_expert_cap_keeps_each_experts_highest_picks_per_group_and_a_loose_cap_changes_nothing():
+    torch.manual_seed(3)
+    logits = torch.randn(64, 4)
+    logits[:, 0] += 2.0  # expert 0 wins most of the race
+    G, E, f = 16, 4, 2.0
+    free = race(logits, G, f)
+    capped = race(logits, G, f, expert_cap=1.0)
+    C = expert_capacity(G, f, E)
+    probs = torch.softmax(logits, -1)
+    for n in range(64 // G):
+        for e in range(E):
+            mine = [int(t) for t in free.token_idx_EC[e] if n * G <= t < (n + 1) * G]
+            kept = sorted(int(t) for t in capped.token_idx_EC[e] if n * G <= t < (n + 1) * G)
+            best = sorted(sorted(mine, key=lambda t: -float(probs[t, e]))[:C])
+            assert kept == best, (n, e)
+    assert int((free.token_idx_EC[0] < 64).sum()) > 4 * C >= capped.capacity
+    assert capped.stats["race_dropped_frac"] > 0 and free.stats["race_dropped_frac"] == 0
+    loose = race(logits, G, f, expert_cap=E / f)  # cap x C = G: the natural bound
+    assert torch.equal(loose.experts_per_token_S, free.experts_per_token_S)
+    # With a threshold the cap applies per image, so images stay independent.
+    t = float(free.threshold_score)
+    a = race(logits, G, f, threshold=t, expert_cap=1.0)
+    b = race(logits[:G], G, f, threshold=t, expert_cap=1.0)
+    assert torch.equal(a.experts_per_token_S[:G], b.experts_per_token_S)

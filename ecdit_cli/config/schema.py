@@ -106,6 +106,7 @@ class MoEConfig:
     routing_group: Literal["image", "batch"] = "image"
     race_threshold_momentum: float = 0.99  # race: EMA momentum of each layer's learned inference threshold
     race_inference: Literal["threshold", "topk"] = "threshold"  # race in eval mode: learned threshold or top-k
+    race_expert_cap: float = 0.0  # race: an expert's picks per group <= this x expert choice's C (0 = up to G)
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, "moe.routing", self.routing, f"allowed: {', '.join(ROUTINGS)}")
@@ -161,6 +162,8 @@ class MoEConfig:
                  self.race_threshold_momentum, "must be in [0, 1)")
         _require(self.race_inference in ("threshold", "topk"), "moe.race_inference", self.race_inference,
                  "allowed: threshold, topk")
+        _require(math.isfinite(self.race_expert_cap) and self.race_expert_cap >= 0, "moe.race_expert_cap",
+                 self.race_expert_cap, "must be >= 0 (0 = no cap beyond the group's tokens)")
 
     @property
     def is_moe(self) -> bool:

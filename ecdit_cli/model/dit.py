@@ -131,7 +131,8 @@ def race_kwargs(cfg: RunConfig) -> dict:
     micro-batch as one group (group_size 0) in training; eval mode falls back to one image."""
     moe = cfg.moe
     return {"routing_group": moe.routing_group, "tokens_per_image": cfg.model.tokens_per_image,
-            "race_momentum": moe.race_threshold_momentum, "race_inference": moe.race_inference}
+            "race_momentum": moe.race_threshold_momentum, "race_inference": moe.race_inference,
+            "race_expert_cap": moe.race_expert_cap}
 
 
 class DiTBlock(nn.Module):

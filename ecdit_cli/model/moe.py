@@ -139,7 +139,7 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, routing: str, capacity_factor: float,
                  top_k: int, group_size: int, normalize_top_k: bool, force_balanced: bool = False,
                  routing_group: str = "image", tokens_per_image: int = 0, race_momentum: float = 0.99,
-                 race_inference: str = "threshold") -> None:
+                 race_inference: str = "threshold", race_expert_cap: float = 0.0) -> None:
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         self.routing = routing
@@ -151,7 +151,7 @@ class Router(nn.Module):
         self.force_balanced = force_balanced
         self.ep_group = None
         self.last: RoutingResult | None = None
-        self._init_race(routing_group, tokens_per_image, race_momentum, race_inference)
+        self._init_race(routing_group, tokens_per_image, race_momentum, race_inference, race_expert_cap)
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -188,9 +188,11 @@ class Router(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Batch-level groups and race routing (Race-DiT, arXiv 2503.16057; DiffMoE).
 
-    def _init_race(self, routing_group: str, tokens_per_image: int, momentum: float, inference: str) -> None:
+    def _init_race(self, routing_group: str, tokens_per_image: int, momentum: float, inference: str,
+                   expert_cap: float) -> None:
         self.routing_group = routing_group  # "batch": group_size is 0 (the whole local micro-batch)
         self.tokens_per_image = tokens_per_image
+        self.race_expert_cap = expert_cap
         self.race_momentum = momentum
         self.race_inference = inference
         if self.routing == "race":
@@ -209,10 +211,12 @@ class Router(nn.Module):
     def _route_race(self, logits_SE: Tensor) -> RoutingResult:
         learned = bool(self.race_threshold >= 0)
         if not self.training and self.race_inference == "threshold" and learned:
-            r = race(logits_SE, self.group_size, self.capacity_factor, threshold=float(self.race_threshold))
+            # The cap (if any) applies per image here: a per-image budget keeps images independent.
+            r = race(logits_SE, self.tokens_per_image, self.capacity_factor, threshold=float(self.race_threshold),
+                     expert_cap=self.race_expert_cap)
         else:
             # Training, `race_inference: topk`, or a threshold never learned: the group's top-k.
-            r = race(logits_SE, self.call_group_size(), self.capacity_factor)
+            r = race(logits_SE, self.call_group_size(), self.capacity_factor, expert_cap=self.race_expert_cap)
             if self.training and r.threshold_score is not None:
                 self._update_threshold(r.threshold_score)
         r.stats["race_threshold"] = float(self.race_threshold)
@@ -408,7 +412,8 @@ class MoEFeedForward(DeepSpeedMoE):
                  capacity_factor: float, top_k: int, group_size: int, normalize_top_k: bool = True,
                  ep_size: int = 1, use_deepspeed_layer: bool = False, force_balanced: bool = False,
                  ep_rank: int = 0, routing_group: str = "image", tokens_per_image: int = 0,
-                 race_momentum: float = 0.99, race_inference: str = "threshold") -> None:
+                 race_momentum: float = 0.99, race_inference: str = "threshold",
+                 race_expert_cap: float = 0.0) -> None:
         nn.Module.__init__(self)
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
@@ -417,7 +422,8 @@ class MoEFeedForward(DeepSpeedMoE):
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
         gate = Router(hidden_size, num_experts, routing, capacity_factor, top_k, group_size, normalize_top_k,
-                      force_balanced, routing_group, tokens_per_image or group_size, race_momentum, race_inference)
+                      force_balanced, routing_group, tokens_per_image or group_size, race_momentum, race_inference,
+                      race_expert_cap)
         experts = GroupedExperts(self.num_local_experts, hidden_size, mlp_hidden, self.expert_group_name,
                                  expert_offset=ep_rank * self.num_local_experts)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)

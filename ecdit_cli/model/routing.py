@@ -256,7 +256,8 @@ def slots_to_routes(r: RoutingResult) -> tuple[Tensor, Tensor, Tensor]:
 # Race routing (Race-DiT, arXiv 2503.16057): one top-k over the tokens x experts scores of a group.
 
 
-def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: float | None = None) -> RoutingResult:
+def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: float | None = None,
+         expert_cap: float = 0.0) -> RoutingResult:
     """Race routing: each group keeps its k = E * C largest (token, expert) affinities.
 
     Scores are A = softmax(logits) over experts in fp32, as in expert choice: a token's scores
@@ -271,6 +272,11 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
     the group, so a token's routing does not depend on any other token. The result's
     `threshold_score` (top-k only) is the mean over groups of the k-th largest score, the value
     the router's learned threshold follows.
+
+    `expert_cap` > 0 bounds each expert's picks per group to expert_capacity(G, cap * f, E),
+    i.e. `cap` times expert choice's C (with a threshold, per image: G = `group_size`); an
+    expert's picks beyond it are dropped, lowest affinity first, like token choice's overflow.
+    0 leaves the natural bound: G tokens per expert and group.
 
     Slot table: expert e's slots hold its picks from every group, in any order, so its width
     is the largest number of tokens any expert took (not a per-group maximum, which would pad
@@ -299,6 +305,11 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
             w_parts.append(w_NK.reshape(-1))
         tok_R, exp_R, w_R = torch.cat(tok_parts), torch.cat(exp_parts), torch.cat(w_parts)
 
+    picked = tok_R.numel()
+    if expert_cap > 0:
+        tok_R, exp_R, w_R = _cap_per_expert(tok_R, exp_R, w_R, group_size if group_size > 0 else S, E,
+                                            expert_capacity(group_size if group_size > 0 else S,
+                                                            expert_cap * capacity_factor, E))
     counts_E = torch.bincount(exp_R, minlength=E)
     width = max(1, int(counts_E.max())) if exp_R.numel() else 1
     # Slot of each pick: its rank among the picks of its expert (a stable sort by expert).
@@ -325,6 +336,7 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
         "race_unrouted_frac": unrouted,
         # Used share of the slot table: 1 when every expert took as many tokens as the busiest one.
         "race_slot_fill": tok_R.numel() / (E * width),
+        "race_dropped_frac": 1.0 - tok_R.numel() / picked if picked else 0.0,  # by moe.race_expert_cap
     }
     return RoutingResult(
         token_idx_EC=token_idx_EC,
@@ -335,6 +347,21 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
         stats=stats,
         threshold_score=kth_sum / n_groups if n_groups else None,
     )
+
+
+def _cap_per_expert(tok_R: Tensor, exp_R: Tensor, w_R: Tensor, group: int, E: int,
+                    cap: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The picks each expert keeps when it takes at most `cap` tokens of every group of `group`
+    consecutive tokens: its highest affinities (two stable sorts rank picks within (group, expert))."""
+    by_score = torch.argsort(w_R.detach(), descending=True, stable=True)
+    key_R = (tok_R // group) * E + exp_R
+    order = by_score[torch.argsort(key_R[by_score], stable=True)]
+    key_sorted = key_R[order]
+    counts = torch.bincount(key_sorted, minlength=int(key_sorted.max()) + 1 if key_sorted.numel() else 1)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=tok_R.device) - first[key_sorted]
+    keep = order[rank < cap]
+    return tok_R[keep], exp_R[keep], w_R[keep]
 
 
 def pad_capacity(r: RoutingResult, capacity: int) -> RoutingResult:

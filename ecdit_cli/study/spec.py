@@ -83,7 +83,7 @@ MOE_ONLY_AXES = {"num_experts", "capacity_factor", "top_k", "group_size", "moe.n
 TC_ONLY_AXES = {"top_k", "moe.top_k"}
 # Batch-level groups apply to expert choice and race; race's own keys to race only.
 GROUP_AXES = {"routing_group", "moe.routing_group"}
-RACE_ONLY_AXES = {"moe.race_threshold_momentum", "moe.race_inference"}
+RACE_ONLY_AXES = {"moe.race_threshold_momentum", "moe.race_inference", "moe.race_expert_cap"}
 MOE_ONLY_AXES |= GROUP_AXES | RACE_ONLY_AXES
 SPEC_KEYS = ("name", "description", "base", "match", "grid", "include", "exclude")
 MATCH_RULES = ("activated_flops", "backbone")
