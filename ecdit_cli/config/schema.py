@@ -94,7 +94,7 @@ class MoEConfig:
     moe_every: int = 2  # an MoE FFN in every `moe_every`-th block ...
     moe_first: int = 1  # ... starting at this 0-based block index (1 = the 2nd block, as in the paper)
     group_size: int = 0  # tokens per routing group; 0 = one image (per-image routing, batch-independent)
-    aux_loss_weight: float = 0.01  # token choice: GShard load-balancing loss weight
+    aux_loss_weight: float = 0.01  # token choice and race: load-balancing loss weight (GShard's form)
     z_loss_weight: float = 0.0  # token choice: router z-loss weight (ST-MoE uses 1e-3)
     normalize_top_k: bool = True  # token choice: renormalise the k kept gates to sum to 1 (GShard)
     dense_width_mult: float = 1.0  # dense only: FFN hidden multiplier (used to match activated FLOPs)

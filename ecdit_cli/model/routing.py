@@ -273,6 +273,11 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
     `threshold_score` (top-k only) is the mean over groups of the k-th largest score, the value
     the router's learned threshold follows.
 
+    Top-k mode also returns an unweighted balance loss on the picks (`aux_loss`, weighted by
+    `moe.aux_loss_weight` in training, as token choice's): ours, not Race-DiT's exact
+    regulariser. Without it, race on our debug runs sent most picks to one or two experts
+    within 80 steps, which both wastes experts and pads the slot table (`race_slot_fill`).
+
     `expert_cap` > 0 bounds each expert's picks per group to expert_capacity(G, cap * f, E),
     i.e. `cap` times expert choice's C (with a threshold, per image: G = `group_size`); an
     expert's picks beyond it are dropped, lowest affinity first, like token choice's overflow.
@@ -285,13 +290,13 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
     S, E = logits_SE.shape
     device = logits_SE.device
     probs_SE = torch.softmax(logits_SE.float(), dim=-1)
-    kth_sum, n_groups = probs_SE.new_zeros(()), 0
+    kth_sum, n_groups, aux_loss = probs_SE.new_zeros(()), 0, None
     if threshold is not None:
         tok_R, exp_R = (probs_SE >= threshold).nonzero(as_tuple=True)
         w_R = probs_SE[tok_R, exp_R]
     else:
         g = group_size if group_size > 0 else S
-        tok_parts, exp_parts, w_parts = [], [], []
+        tok_parts, exp_parts, w_parts, aux_parts = [], [], [], []
         for start, length in _group_bounds(S, g):
             G = min(g, length)
             N = length // G
@@ -303,7 +308,15 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
             tok_parts.append((flat_NK // E + start + torch.arange(N, device=device).view(N, 1) * G).reshape(-1))
             exp_parts.append((flat_NK % E).reshape(-1))
             w_parts.append(w_NK.reshape(-1))
+            # Balance loss on the picks (GShard's form with the race's picks as the routes): 1 when
+            # every expert gets K / E picks, E when one expert takes them all.
+            e_NK = flat_NK % E
+            share_NE = torch.bincount((e_NK + torch.arange(N, device=device).view(N, 1) * E).reshape(-1),
+                                      minlength=N * E).view(N, E).float() / K
+            p_NE = probs_SE[start : start + length].view(N, G, E).mean(dim=1)
+            aux_parts.append(E * (p_NE * share_NE).sum(dim=-1))
         tok_R, exp_R, w_R = torch.cat(tok_parts), torch.cat(exp_parts), torch.cat(w_parts)
+        aux_loss = torch.cat(aux_parts).mean()
 
     picked = tok_R.numel()
     if expert_cap > 0:
@@ -342,6 +355,8 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
         token_idx_EC=token_idx_EC,
         weight_EC=weight_EC,
         num_tokens=S,
+        aux_loss=aux_loss,
+        z_loss=router_z_loss(logits_SE) if aux_loss is not None else None,  # weighted by moe.z_loss_weight
         experts_per_token_S=experts_per_token_S,
         tokens_per_expert_E=counts_E,
         stats=stats,

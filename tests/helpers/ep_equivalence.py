@@ -46,12 +46,13 @@ def run(out: str, ep: int, routing: str, zero: int) -> None:
     x_t, v = interpolate(x0[sl], noise[sl], t[sl])
     if group == "batch" and dist.world_size == 1:
         halves = [engine(x_t[h], t[sl][h], text[sl][h], mask[sl][h]) for h in (slice(0, 2), slice(2, 4))]
-        velocity, routing_results = torch.cat([o.velocity for o in halves]), halves[0].routing
+        velocity, routings = torch.cat([o.velocity for o in halves]), [o.routing for o in halves]
     else:
         out_ = engine(x_t, t[sl], text[sl], mask[sl])
-        velocity, routing_results = out_.velocity, out_.routing
+        velocity, routings = out_.velocity, [out_.routing]
     loss = (velocity - v).square().mean()
-    aux = [r.aux_loss for r in routing_results if r.aux_loss is not None]
+    # Each process weights the mean auxiliary loss of its own micro-batch; the halves do the same.
+    aux = [torch.stack([r.aux_loss for r in rs]).mean() for rs in routings if rs[0].aux_loss is not None]
     if aux:
         loss = loss + 0.01 * torch.stack(aux).mean()
     engine.backward(loss)
