@@ -128,10 +128,15 @@ CASES = [
     ("sample", ["sample", "{ws}/old_run", "--prompt", "a red circle"], "format version"),
     ("sample", ["sample", "{ws}/run", "--prompt", "a red circle", "--capacity-factor", "0"],
      "moe.capacity_factor=0.0 is invalid: must be > 0"),
+    ("sample", ["sample", "{ws}/run", "--prompt", "a red circle", "--race-mode", "topk"],
+     "--race-mode applies to race runs"),
+    ("train", ["train", "debug", "--set", "moe.routing=token_choice", "--set", "moe.routing_group=batch"],
+     "moe.routing_group='batch' is invalid: batch groups apply to moe.routing=expert_choice or race"),
     # eval
     ("eval", ["eval", "{ws}/nowhere"], "not found"),
     ("eval", ["eval", "{ws}/run", "-n", "0"], "0"),
     ("eval", ["eval", "{ws}/unfinished"], "has no final weights"),
+    ("eval", ["eval", "{ws}/run", "--race-mode", "fast"], "--race-mode 'fast' is invalid: allowed: threshold, topk"),
 ]
 
 

@@ -62,7 +62,8 @@ def test_bench_moe_writes_json_and_a_markdown_table_for_every_variant(runner, tm
     out = json.loads(res.stdout)
     assert out["kind"] == "moe" and {"cpu", "cores", "threads", "torch"} <= out["machine"].keys()
     variants = [r["variant"] for r in out["rows"]]
-    assert variants == ["dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer"]
+    assert variants == ["dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer", "ec_batch",
+                        "race_image", "race_batch"]
     for r in out["rows"]:
         assert {"fwd_ms", "fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio", "peak_mem_bytes", "mem_ratio"} <= r.keys()
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mem_bytes"] > 0
@@ -70,7 +71,7 @@ def test_bench_moe_writes_json_and_a_markdown_table_for_every_variant(runner, tm
     assert [r["tokens"] for r in out["memory_sweep"]] == [8, 16, 8, 16]
     text = md.read_text()
     assert "| variant | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB | peak ratio |" in text
-    assert text.count("\n| ") >= 7 + 2 + 4 + 2  # 7 variants + headers, 4 sweep rows + headers
+    assert text.count("\n| ") >= 10 + 2 + 4 + 2  # 10 variants + headers, 4 sweep rows + headers
     assert "Machine:" in text
 
 

@@ -12,7 +12,7 @@ from ecdit_cli.config import resolve_config
 from ecdit_cli.errors import EcditError
 
 HELPER = Path(__file__).parent / "helpers" / "ep_equivalence.py"
-ROUTINGS = "expert_choice,token_choice"
+ROUTINGS = "expert_choice,token_choice,race,expert_choice@batch,race@batch"
 
 
 def _run(cmd, cwd):

@@ -6,7 +6,8 @@ hidden 4D of which each token gets f on average (expert choice: exactly f slots 
 group; token choice top-2: 2 routes per token within the same slot budget).
 
 Variants (`VARIANTS`): dense, token choice top-2 (per image), expert choice per image, expert
-choice over pooled groups of several images, DeepSpeed's own TopKGate(k=2) in
+choice over pooled groups of several images, expert choice and race routing over the whole
+batch (`routing_group: batch`), race per image, DeepSpeed's own TopKGate(k=2) in
 deepspeed.moe.layer.MoE (the external reference; one routing group of all tokens, its Experts
 container), and our EC and TC layers run through DeepSpeed's MOELayer (the path expert
 parallelism takes) instead of the local fast path.
@@ -28,7 +29,8 @@ from torch import Tensor, nn
 from ecdit_cli.bench.timing import interleaved, load_average, machine_info, paired_ratio, peak_memory, summary
 from ecdit_cli.errors import EcditError
 
-VARIANTS = ("dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer")
+VARIANTS = ("dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer", "ec_batch",
+            "race_image", "race_batch")
 VARIANT_LABELS = {
     "dense": "dense FFN, hidden f x 4D (reference)",
     "tc_top2": "token choice top-2 (ours, per image)",
@@ -37,6 +39,9 @@ VARIANT_LABELS = {
     "ds_top2": "DeepSpeed TopKGate k=2 (deepspeed.moe MoE)",
     "ec_dslayer": "expert choice via DeepSpeed MOELayer",
     "tc_dslayer": "token choice via DeepSpeed MOELayer",
+    "ec_batch": "expert choice over the whole batch (ours)",
+    "race_image": "race f=2 per image (ours)",
+    "race_batch": "race f=2 over the whole batch (ours)",
 }
 AUX_WEIGHT = 0.01
 
@@ -87,13 +92,14 @@ class _Ours(nn.Module):
     """Our MoEFeedForward returning (y, aux loss or None)."""
 
     def __init__(self, routing: str, shape: LayerShape, capacity_factor: float, group_size: int,
-                 deepspeed_layer: bool) -> None:
+                 deepspeed_layer: bool, routing_group: str = "image") -> None:
         super().__init__()
         from ecdit_cli.model.moe import MoEFeedForward
 
         D = shape.width
         self.layer = MoEFeedForward(D, 4 * D, shape.experts, routing, capacity_factor, 2, group_size,
-                                    use_deepspeed_layer=deepspeed_layer)
+                                    use_deepspeed_layer=deepspeed_layer, routing_group=routing_group,
+                                    tokens_per_image=shape.tokens_per_image)
         nn.init.normal_(self.layer.router.wg.weight, std=0.02)  # as DiT.initialize_weights
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -127,6 +133,12 @@ def build_layer(variant: str, shape: LayerShape, capacity_factor: float = 2.0, p
         return _Ours("expert_choice", shape, capacity_factor, T, variant == "ec_dslayer")
     if variant == "ec_pooled":
         return _Ours("expert_choice", shape, capacity_factor, pool, False)
+    if variant in ("ec_batch", "race_batch"):
+        # Batch-level groups (training mode, as benchmarked): every token of the batch in one group.
+        routing = "race" if variant == "race_batch" else "expert_choice"
+        return _Ours(routing, shape, capacity_factor, 0, False, "batch")
+    if variant == "race_image":
+        return _Ours("race", shape, capacity_factor, T, False)
     raise EcditError(f"variant {variant!r} is invalid: allowed: {', '.join(VARIANTS)}")
 
 

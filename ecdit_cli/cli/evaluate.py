@@ -20,6 +20,17 @@ CapacityFactor = Annotated[Optional[float], typer.Option(
     "--capacity-factor", help="Expert-choice runs: sample with this capacity factor instead of the trained one "
                               "(compute for quality at inference).")]
 
+RaceMode = Annotated[Optional[str], typer.Option(
+    "--race-mode", help="Race runs: 'threshold' (the learned per-layer threshold; a sample does not depend on "
+                        "its batch) or 'topk' (each image's own top-k) [default: the run's moe.race_inference].")]
+
+
+def _check_race_mode(mode: str | None) -> None:
+    from ecdit_cli.errors import EcditError
+
+    if mode is not None and mode not in ("threshold", "topk"):
+        raise EcditError(f"--race-mode {mode!r} is invalid: allowed: threshold, topk")
+
 
 def _device(name: str) -> str:
     from ecdit_cli.devices import resolve_device
@@ -56,6 +67,10 @@ def _flops_line(settings: dict) -> str:
 
     f = settings.get("capacity_factor")
     where = f" at capacity factor {f:g}" if f is not None else ""
+    if settings.get("race_mode"):
+        where = f" (race, {settings['race_mode']}"
+        slots = settings.get("slots_per_token")
+        where += f", measured {slots:.3f} experts per token)" if slots is not None else ")"
     return f"activated forward FLOPs per image{where}: {si(settings['flops_per_image'])} per denoiser pass"
 
 
@@ -71,6 +86,7 @@ def sample(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz (default: RUN_DIR/samples/seed<SEED>.png, seed<SEED>-f<F>.png with --capacity-factor).")] = None,
     device: Device = "auto",
     capacity_factor: CapacityFactor = None,
+    race_mode: RaceMode = None,
 ) -> None:
     """Sample images from a trained run: a labelled PNG grid (one row per prompt) and the raw images."""
     import time
@@ -81,8 +97,10 @@ def sample(
     if not prompt:
         raise EcditError('give at least one --prompt, e.g. --prompt "a red circle left of a blue square"')
     check_settings(n, cfg, steps, seed, shift)
+    _check_race_mode(race_mode)
     console = _console()
     suffix = "" if capacity_factor is None else f"-f{capacity_factor:g}"
+    suffix += "" if race_mode is None else f"-{race_mode}"
     target = out or Path(run_dir) / "samples" / f"seed{seed}{suffix}.png"
     if target.suffix.lower() != ".png":
         raise EcditError(f"--out must be a .png file, got {target}")
@@ -91,7 +109,7 @@ def sample(
         task = progress.add_task("sampling", total=steps * num_batches(len(prompt), n))
         result = sample_run(run_dir, prompt, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift,
                             use_ema=not no_ema, device=_device(device), capacity_factor=capacity_factor,
-                            on_step=lambda i, t: progress.update(task, advance=1),
+                            race_mode=race_mode, on_step=lambda i, t: progress.update(task, advance=1),
                             on_progress=lambda done, total: progress.update(task, description=f"{done}/{total} images"))
     files = save_samples(result, target)
     count = result.images.shape[0] * result.images.shape[1]
@@ -114,6 +132,7 @@ def eval_(
     fd: Annotated[bool, typer.Option("--fd/--no-fd", help="Also compute FD-scenes, a Fréchet distance on a small scene network's features (not FID; its network trains once, about a minute, then is cached).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of a table.")] = False,
     capacity_factor: CapacityFactor = None,
+    race_mode: RaceMode = None,
 ) -> None:
     """GenEval on the built-in scenes, scored by the exact detector; writes RUN_DIR/eval.json and RUN_DIR/eval/."""
     from rich.table import Table
@@ -123,6 +142,7 @@ def eval_(
     from ecdit_cli.evaluate.eval_run import EXAMPLES_FILE, eval_paths, evaluate_run, format_fd, format_scores
     from ecdit_cli.files import to_json
 
+    _check_race_mode(race_mode)
     console = _console()
     with _progress(console) as progress:
         task = progress.add_task("sampling prompts", total=None)
@@ -135,7 +155,7 @@ def eval_(
 
         doc = evaluate_run(run_dir, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift, per_tag=per_tag,
                            use_ema=not no_ema, device=_device(device), on_progress=on_progress, fd=fd,
-                           on_fd_progress=on_fd_progress, capacity_factor=capacity_factor)
+                           on_fd_progress=on_fd_progress, capacity_factor=capacity_factor, race_mode=race_mode)
     if as_json:
         typer.echo(to_json(doc, indent=2))
         return
@@ -150,8 +170,9 @@ def eval_(
         for name, value in fd_rows:
             table.add_row(name, value)
     console.print(table)
-    trained = load_run_config(Path(run_dir) / rundir.CONFIG).moe.capacity_factor if rundir.is_run_dir(run_dir) else None
-    doc_path, folder = eval_paths(Path(run_dir), capacity_factor, trained)
+    trained = load_run_config(Path(run_dir) / rundir.CONFIG).moe if rundir.is_run_dir(run_dir) else None
+    doc_path, folder = eval_paths(Path(run_dir), capacity_factor, trained and trained.capacity_factor, race_mode,
+                                  trained and trained.race_inference)
     console.print(f"wrote {doc_path} and {folder}/ (examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
     console.print(_flops_line({**doc["settings"], "flops_per_image": doc["flops_per_image"]}))
 
@@ -184,7 +205,8 @@ def analyze(
         gt = doc["ground_truth"]
         t_mid = gt["t"][len(gt["t"]) // 2]
         table = Table(title=f"{doc['run_id']}: experts per token on rendered scenes at t = {t_mid:g} "
-                            f"({gt['num_scenes']} scenes; mean over all tokens {doc['slots_per_token']:g})")
+                            f"({gt['num_scenes']} scenes; mean over all tokens "
+                            f"{doc['slots_per_token_measured'] if doc.get('race_mode') else doc['slots_per_token']:g})")
         for col in ("MoE block", "object", "background", "object / bg", "CV", "max share of E"):
             table.add_column(col, justify="right")
         for row in rows:

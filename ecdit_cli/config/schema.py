@@ -21,10 +21,10 @@ from ecdit_cli import RUN_FORMAT_VERSION
 from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE
 from ecdit_cli.errors import ConfigError
 
-Routing = Literal["dense", "token_choice", "expert_choice"]
+Routing = Literal["dense", "token_choice", "expert_choice", "race"]
 ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
 # Short forms used in run ids and tables.
-ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec"}
+ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec", "race": "race"}
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -100,13 +100,19 @@ class MoEConfig:
     moe_every: int = 2  # an MoE FFN in every `moe_every`-th block ...
     moe_first: int = 1  # ... starting at this 0-based block index (1 = the 2nd block, as in the paper)
     group_size: int = 0  # tokens per routing group; 0 = one image (per-image routing, batch-independent)
-    aux_loss_weight: float = 0.01  # token choice: GShard load-balancing loss weight
+    aux_loss_weight: float = 0.01  # token choice and race: load-balancing loss weight (GShard's form)
     z_loss_weight: float = 0.0  # token choice: router z-loss weight (ST-MoE uses 1e-3)
     normalize_top_k: bool = True  # token choice: renormalise the k kept gates to sum to 1 (GShard)
     dense_width_mult: float = 1.0  # dense only: FFN hidden multiplier (used to match activated FLOPs)
     ep_size: int = 1  # expert-parallel ranks; divides num_experts and the process count
     deepspeed_layer: bool = False  # force DeepSpeed's MOELayer dispatch even when ep_size == 1
     force_balanced: bool = False  # debug: route uniformly at random (throughput runs only)
+    # Batch-level groups and race routing (Race-DiT arXiv 2503.16057; DiffMoE's batch pool):
+    # EC / race: one image per group, or the whole local micro-batch in training (eval mode: per image)
+    routing_group: Literal["image", "batch"] = "image"
+    race_threshold_momentum: float = 0.99  # race: EMA momentum of each layer's learned inference threshold
+    race_inference: Literal["threshold", "topk"] = "threshold"  # race in eval mode: learned threshold or top-k
+    race_expert_cap: float = 0.0  # race: an expert's picks per group <= this x expert choice's C (0 = up to G)
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, "moe.routing", self.routing, f"allowed: {', '.join(ROUTINGS)}")
@@ -146,6 +152,24 @@ class MoEConfig:
                 self.ep_size,
                 f"must divide moe.num_experts={self.num_experts}",
             )
+
+        self._check_race()
+
+    def _check_race(self) -> None:
+        _require(self.routing_group in ("image", "batch"), "moe.routing_group", self.routing_group,
+                 "allowed: image, batch")
+        if self.routing_group == "batch":
+            _require(self.routing in ("expert_choice", "race"), "moe.routing_group", self.routing_group,
+                     f"batch groups apply to moe.routing=expert_choice or race, not moe.routing={self.routing} "
+                     "(use moe.routing_group=image)")
+            _require(self.group_size == 0, "moe.group_size", self.group_size,
+                     "must be 0 with moe.routing_group=batch (the group is the whole micro-batch)")
+        _require(0 <= self.race_threshold_momentum < 1, "moe.race_threshold_momentum",
+                 self.race_threshold_momentum, "must be in [0, 1)")
+        _require(self.race_inference in ("threshold", "topk"), "moe.race_inference", self.race_inference,
+                 "allowed: threshold, topk")
+        _require(math.isfinite(self.race_expert_cap) and self.race_expert_cap >= 0, "moe.race_expert_cap",
+                 self.race_expert_cap, "must be >= 0 (0 = no cap beyond the group's tokens)")
 
     @property
     def is_moe(self) -> bool:

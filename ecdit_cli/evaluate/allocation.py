@@ -77,7 +77,7 @@ def check_moe_run(cfg) -> None:
     if not cfg.moe.is_moe:
         name = f"run {cfg.name}" if cfg.name else "this run"
         raise EcditError(f"{name} is dense (moe.routing=dense): there is no routing to analyse; "
-                         "analyze needs an expert_choice or token_choice run")
+                         "analyze needs an expert_choice, token_choice or race run")
 
 
 def default_prompts(cfg) -> list[str]:
@@ -406,6 +406,10 @@ def analyze_model(
         "group_size_tokens": group, "tokens_per_image": T, "grid": m.input_size // m.patch_size,
         "patch_size": m.patch_size, "moe_blocks": result.routing.blocks,
         "slots_per_token": slots,  # EC: E * C / G = mean experts per token; TC: min(top_k, E * C / G), an upper bound
+        # Race: experts per token vary at inference (learned threshold); the measured mean over the sampling.
+        "race_mode": moe.race_inference if moe.routing == "race" else None,
+        "slots_per_token_measured": float(result.routing.experts_per_token.mean()),
+        "routing_group": moe.routing_group,  # batch groups are a training pool: inference routes per image
         "unit": UNIT,
         "settings": {"prompts": prompts, "n": n, "steps": steps, "cfg": cfg_scale, "seed": seed, "shift": shift,
                      "scenes_per_tag": scenes_per_tag if scenes else None, "gt_t": list(GT_T_VALUES),

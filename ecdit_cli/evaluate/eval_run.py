@@ -26,7 +26,10 @@ does not resume.
 (`ecdit eval --capacity-factor F`); its files then go to `eval_fF/` and `eval_fF.json`, so the
 run's own eval.json (what a study collects) keeps the trained capacity. Every eval.json records
 the capacity factor it sampled with and the activated forward FLOPs per image (one denoiser
-pass; a guided sampling step costs two).
+pass; a guided sampling step costs two). A race run's experts per token vary at inference, so
+its FLOPs are measured over every forward pass of the eval (`slots_per_token`, `race_mode`);
+`race_mode` topk (`ecdit eval --race-mode topk`, when the run infers by threshold) writes to
+`eval_topk/` and `eval_topk.json`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from ecdit_cli.evaluate import geneval
 from ecdit_cli.evaluate import sample as sampling
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text, npz_bytes, to_json
-from ecdit_cli.model.accounting import count, vocab_size
 
 EVAL_DIR = "eval"
 PROMPTS_FILE = "prompts.jsonl"
@@ -133,6 +135,7 @@ def evaluate_run(
     fd: bool = True,
     on_fd_progress: Callable[[int, int], None] | None = None,
     capacity_factor: float | None = None,
+    race_mode: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run and write its files (module docstring); returns eval.json's content.
 
@@ -147,16 +150,19 @@ def evaluate_run(
         raise EcditError(f"--per-tag must be >= 1, got {per_tag}")
     if rundir.is_run_dir(run_dir):
         check_scenes_run(load_run_config(run_dir / rundir.CONFIG))  # fail before loading weights
-    trained_f = load_run_config(run_dir / rundir.CONFIG).moe.capacity_factor if rundir.is_run_dir(run_dir) else None
-    model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor)
+    trained = load_run_config(run_dir / rundir.CONFIG).moe if rundir.is_run_dir(run_dir) else None
+    model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor,
+                          race_mode=race_mode)
     check_scenes_run(cfg)
     per_tag_n = geneval.DEFAULT_PER_TAG if per_tag is None else int(per_tag)
-    doc_path, out = eval_paths(run_dir, capacity_factor, trained_f)
+    doc_path, out = eval_paths(run_dir, capacity_factor, trained and trained.capacity_factor, race_mode,
+                               trained and trained.race_inference)
     records = geneval.make_prompt_set(PROMPT_SET_SEED, per_tag_n)
     geneval.write_prompts(out / PROMPTS_FILE, records)
     t0 = time.time()
-    records, images, scores = eval_model(model, cfg, n, cfg_scale, steps, seed, shift, per_tag_n, on_progress,
-                                         batch_size, records)
+    with sampling.measure_slots(model) as meter:
+        records, images, scores = eval_model(model, cfg, n, cfg_scale, steps, seed, shift, per_tag_n, on_progress,
+                                             batch_size, records)
     wall = time.time() - t0
     settings = {"cfg": float(cfg_scale), "steps": int(steps), "seed": int(seed), "n": int(n), "per_tag": per_tag_n,
                 "ema": bool(use_ema and cfg.train.ema_decay > 0), "shift": float(shift),
@@ -164,18 +170,22 @@ def evaluate_run(
     extra: dict[str, Any] = {}
     if fd:
         extra = fd_scores(images, records, on_fd_progress)
-    if cfg.moe.routing == "expert_choice":
-        settings["capacity_factor"] = float(cfg.moe.capacity_factor)
+    routing = sampling.routing_settings(cfg, meter)
+    flops = routing.pop("flops_per_image")
+    settings.update(routing)
     write_eval_files(out, records, images, scores["images"])
-    flops = count(cfg, vocab_size(cfg)).flops_per_image
     doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall,
                     flops_per_image=flops, **extra)
     atomic_write_json(doc_path, doc)  # last: its presence means the eval finished
     return doc
 
 
-def eval_paths(run_dir: Path, capacity_factor: float | None, trained: float | None) -> tuple[Path, Path]:
-    """(eval.json, eval/) of a run, or (eval_fF.json, eval_fF/) at a capacity it was not trained with."""
+def eval_paths(run_dir: Path, capacity_factor: float | None, trained: float | None, race_mode: str | None = None,
+               trained_race_mode: str | None = None) -> tuple[Path, Path]:
+    """(eval.json, eval/) of a run, or (eval_fF.json, eval_fF/) at a capacity it was not trained with,
+    or (eval_topk.json, eval_topk/) for a race run in the inference mode its config does not name."""
+    if race_mode is not None and race_mode != (trained_race_mode or "threshold"):
+        return run_dir / f"{EVAL_DIR}_{race_mode}.json", run_dir / f"{EVAL_DIR}_{race_mode}"
     if capacity_factor is None or (trained is not None and float(capacity_factor) == float(trained)):
         return run_dir / rundir.EVAL, run_dir / EVAL_DIR
     tag = f"{EVAL_DIR}_f{float(capacity_factor):g}"

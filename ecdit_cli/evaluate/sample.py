@@ -14,7 +14,9 @@ Determinism: the initial noise of image j of prompt i is a pure function of (see
 groups (the default) the network itself is batch-independent, so an image does not depend on
 which other prompts or how many images share its batch (to float rounding). With pooled groups
 (`moe.group_size` > tokens per image) images compete for the same experts, so an image depends
-on its batch neighbours by design (the paper's pooled inference groups).
+on its batch neighbours by design (the paper's pooled inference groups). Batch-level groups
+(`moe.routing_group: batch`) are a training pool only: in eval mode they route per image, and
+race routes by its learned threshold, so both stay batch-independent here.
 
 Defaults: cfg scale 4.0 (PixArt / SD3 use 4.5-7 at 256 px; on a `tiny` scenes run, 4 drew
 fewer spurious objects for one-object prompts than 1 or 2), 30 Euler steps (rectified-flow
@@ -27,6 +29,7 @@ conditional tokens only) and every MoE layer's routing is kept per Euler step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import textwrap
@@ -227,20 +230,73 @@ def sample_images(
 
 def sample_run(run_dir: str | Path, prompts: Sequence[str], n: int = 4, cfg_scale: float = DEFAULT_CFG_SCALE,
                steps: int = DEFAULT_STEPS, seed: int = 0, shift: float = DEFAULT_SHIFT, use_ema: bool = True,
-               device: str = "cpu", capacity_factor: float | None = None, **kwargs: Any) -> SampleResult:
-    """Load a finished run (EMA weights by default; an expert-choice run at `capacity_factor`
-    when given) and sample from it; settings name the run, its capacity and FLOPs per image."""
-    from ecdit_cli.model.accounting import count, vocab_size
+               device: str = "cpu", capacity_factor: float | None = None, race_mode: str | None = None,
+               **kwargs: Any) -> SampleResult:
+    """Load a finished run (EMA weights by default; an expert-choice run at `capacity_factor`,
+    a race run in `race_mode`, when given) and sample from it; settings name the run, its
+    capacity and activated FLOPs per image (measured for race)."""
     from ecdit_cli.model.load import load_run
 
     check_settings(n, cfg_scale, steps, seed, shift)
-    model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor)
-    result = sample_images(model, cfg, prompts, n, cfg_scale, steps, seed, shift, **kwargs)
+    model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor,
+                          race_mode=race_mode)
+    with measure_slots(model) as meter:
+        result = sample_images(model, cfg, prompts, n, cfg_scale, steps, seed, shift, **kwargs)
     result.settings.update(run_id=cfg.name or Path(run_dir).name, ema=bool(use_ema and cfg.train.ema_decay > 0),
-                           flops_per_image=count(cfg, vocab_size(cfg)).flops_per_image)
-    if cfg.moe.routing == "expert_choice":
-        result.settings["capacity_factor"] = float(cfg.moe.capacity_factor)
+                           **routing_settings(cfg, meter))
     return result
+
+
+class SlotMeter:
+    """Counts the expert slots the MoE layers of a model use while it is attached: race routing
+    by its learned threshold gives each token a data-dependent number of experts, so its
+    activated FLOPs are measured, not read off the config."""
+
+    def __init__(self) -> None:
+        self.slots = 0  # used (token, expert) slots, summed over layers and forward passes
+        self.tokens = 0  # tokens routed, summed the same way
+
+    @property
+    def slots_per_token(self) -> float | None:
+        return self.slots / self.tokens if self.tokens else None
+
+    def _hook(self, module, inputs, output) -> None:
+        r = output[1]
+        self.slots += int((r.token_idx_EC < r.num_tokens).sum())
+        self.tokens += r.num_tokens
+
+
+@contextlib.contextmanager
+def measure_slots(model):
+    """Attach a `SlotMeter` to every MoE layer of `model` for the duration of the block."""
+    from ecdit_cli.model.moe import MoEFeedForward
+
+    meter = SlotMeter()
+    handles = [m.register_forward_hook(meter._hook) for m in model.modules() if isinstance(m, MoEFeedForward)]
+    try:
+        yield meter
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def routing_settings(cfg, meter: SlotMeter | None = None) -> dict[str, Any]:
+    """What a sample or eval records about its routing and compute: the capacity an expert-choice
+    run sampled at; for race, the inference mode and the measured experts per token, with the
+    activated forward FLOPs per image that follow from them (`flops_per_image`)."""
+    from ecdit_cli.model.accounting import count, flops_at_slots, vocab_size
+
+    acc = count(cfg, vocab_size(cfg))
+    out: dict[str, Any] = {"flops_per_image": acc.flops_per_image}
+    if cfg.moe.routing == "expert_choice":
+        out["capacity_factor"] = float(cfg.moe.capacity_factor)
+    if cfg.moe.routing == "race":
+        out["race_mode"] = cfg.moe.race_inference
+        measured = meter.slots_per_token if meter is not None else None
+        if measured is not None:
+            out["slots_per_token"] = measured
+            out["flops_per_image"] = flops_at_slots(cfg, measured, acc)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ laptop.
   paper's encoder is frozen and outside the DiT.
 - params_active: the parameters one image token's forward uses on average. An MoE layer
   contributes its router plus `a` experts, where a = E * C / G is the number of expert slots
-  per token (expert choice: the capacity factor f, after rounding C; token choice: min(k, that),
-  since routes beyond the slot budget are dropped).
+  per token (expert choice and race: the capacity factor f, after rounding C; token choice:
+  min(k, that), since routes beyond the slot budget are dropped).
 - flops_per_image: forward FLOPs (2 per multiply-add) of matmuls and attention for one image
   at `text.max_len` text tokens: patch embedding, timestep MLP, caption projection, self- and
   cross-attention (projections, scores and weighted sums), adaLN, FFN or routed experts, the
@@ -67,7 +67,10 @@ def expert_slots_per_token(cfg: RunConfig) -> float:
         return 0.0
     G = moe.group_size or m.tokens_per_image
     slots = moe.num_experts * expert_capacity(G, moe.capacity_factor, moe.num_experts) / G
-    return slots if moe.routing == "expert_choice" else min(float(moe.top_k), slots)
+    # Race keeps E * C picks per group, expert choice's budget: the same slots on average. Batch
+    # groups are counted per image (G = T), the groups inference routes with; training's groups
+    # of a micro-batch differ only by the rounding of C.
+    return slots if moe.routing in ("expert_choice", "race") else min(float(moe.top_k), slots)
 
 
 def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
@@ -120,6 +123,17 @@ def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
         breakdown_params=P,
         breakdown_flops=Fl,
     )
+
+
+def flops_at_slots(cfg: RunConfig, slots_per_token: float, acc: Accounting | None = None) -> float:
+    """Forward FLOPs per image when an MoE layer gives each token `slots_per_token` experts on
+    average (measured, e.g. race routing by its learned threshold at inference) instead of the
+    config's budget: expert FLOPs are linear in the slots."""
+    acc = acc or count(cfg)
+    if not acc.slots_per_token:
+        return acc.flops_per_image
+    experts = acc.breakdown_flops["experts"]
+    return acc.flops_per_image - experts + experts * slots_per_token / acc.slots_per_token
 
 
 def dense_width_for_flops(cfg: RunConfig, target_flops: float) -> float:

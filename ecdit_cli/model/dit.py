@@ -126,6 +126,15 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
+def race_kwargs(cfg: RunConfig) -> dict:
+    """MoEFeedForward's batch-group and race settings. routing_group=batch routes the whole local
+    micro-batch as one group (group_size 0) in training; eval mode falls back to one image."""
+    moe = cfg.moe
+    return {"routing_group": moe.routing_group, "tokens_per_image": cfg.model.tokens_per_image,
+            "race_momentum": moe.race_threshold_momentum, "race_inference": moe.race_inference,
+            "race_expert_cap": moe.race_expert_cap}
+
+
 class DiTBlock(nn.Module):
     """self-attn (adaLN-Zero) -> cross-attn (zero-init out proj) -> FFN or MoE (adaLN-Zero)."""
 
@@ -145,8 +154,10 @@ class DiTBlock(nn.Module):
         if self.is_moe:
             self.mlp = MoEFeedForward(
                 D, m.mlp_hidden, moe.num_experts, moe.routing, moe.capacity_factor, moe.top_k,
-                moe.group_size or m.tokens_per_image, moe.normalize_top_k, moe.ep_size,
+                0 if moe.routing_group == "batch" else moe.group_size or m.tokens_per_image,
+                moe.normalize_top_k, moe.ep_size,
                 moe.deepspeed_layer, moe.force_balanced, ep_rank,
+                **race_kwargs(cfg),
             )
         else:
             hidden = m.mlp_hidden if moe.is_moe else int(round(m.mlp_hidden * moe.dense_width_mult))

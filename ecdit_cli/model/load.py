@@ -13,12 +13,13 @@ from ecdit_cli.model.t2i import TextToImage
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
-             capacity_factor: float | None = None) -> tuple[TextToImage, RunConfig]:
+             capacity_factor: float | None = None, race_mode: str | None = None) -> tuple[TextToImage, RunConfig]:
     """(model in eval mode, its config). The MoE layers run locally (ep_size 1).
 
     `capacity_factor` replaces an expert-choice run's trained f at inference: the router's
     weights do not depend on it (each expert still ranks the tokens by the same affinities and
     keeps its C = G f / E best), so a user can trade compute for quality when sampling.
+    `race_mode` (threshold or topk) replaces a race run's `moe.race_inference`.
     """
     run_dir = rundir.require_dir(run_dir, "run directory")
     if rundir.is_run_dir(run_dir):
@@ -40,6 +41,11 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
         if routing != "expert_choice":
             raise EcditError(f"--capacity-factor applies to expert-choice runs; {run_dir} is a {routing} run")
         data["moe"]["capacity_factor"] = float(capacity_factor)
+    if race_mode is not None:
+        routing = data["moe"].get("routing")
+        if routing != "race":
+            raise EcditError(f"--race-mode applies to race runs; {run_dir} is a {routing} run")
+        data["moe"]["race_inference"] = race_mode
     data["moe"]["ep_size"] = 1
     data["moe"]["deepspeed_layer"] = False
     cfg = config_from_dict(data)

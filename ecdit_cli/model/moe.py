@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ecdit_cli import deepspeed_compat
-from ecdit_cli.model.routing import RoutingResult, expert_choice, slots_to_routes, token_choice
+from ecdit_cli.model.routing import (
+    RoutingResult,
+    expert_choice,
+    pad_capacity,
+    race,
+    slots_to_routes,
+    token_choice,
+)
 from ecdit_cli.seeding import hash_seed
 
 DeepSpeedMoE, MOELayer = deepspeed_compat.moe_classes()
@@ -121,7 +128,7 @@ def _stack_experts_state(module: GroupedExperts, state_dict: dict, prefix: str, 
 
 
 class Router(nn.Module):
-    """Linear router (no bias) + EC or TC routing; also DeepSpeed's gate for MOELayer.
+    """Linear router (no bias) + EC, TC or race routing; also DeepSpeed's gate for MOELayer.
 
     As a gate it follows the 0.19.4+ contract: `forward(x_SD, used_token, sparse_routes,
     use_tutel)` returns (l_aux, capacity, E, indices[K,S], locations[K,S], gates[K,S],
@@ -130,7 +137,9 @@ class Router(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, routing: str, capacity_factor: float,
-                 top_k: int, group_size: int, normalize_top_k: bool, force_balanced: bool = False) -> None:
+                 top_k: int, group_size: int, normalize_top_k: bool, force_balanced: bool = False,
+                 routing_group: str = "image", tokens_per_image: int = 0, race_momentum: float = 0.99,
+                 race_inference: str = "threshold", race_expert_cap: float = 0.0) -> None:
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         self.routing = routing
@@ -142,6 +151,7 @@ class Router(nn.Module):
         self.force_balanced = force_balanced
         self.ep_group = None
         self.last: RoutingResult | None = None
+        self._init_race(routing_group, tokens_per_image, race_momentum, race_inference, race_expert_cap)
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -156,8 +166,10 @@ class Router(nn.Module):
 
     def route(self, x_SD: Tensor) -> RoutingResult:
         logits_SE = self.logits(x_SD)
+        if self.routing == "race":
+            return self._route_race(logits_SE)
         if self.routing == "expert_choice":
-            return expert_choice(logits_SE, self.group_size, self.capacity_factor)
+            return expert_choice(logits_SE, self.call_group_size(), self.capacity_factor)
         return token_choice(logits_SE, self.group_size, self.capacity_factor, self.top_k, self.normalize_top_k)
 
     def forward(self, x_SD: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
@@ -165,10 +177,85 @@ class Router(nn.Module):
         if not sparse_routes or used_token is not None or use_tutel:
             raise RuntimeError("ecdit's router supports only DeepSpeed's sparse-route gate contract (>= 0.19.4)")
         r = self.route(x_SD)
+        if self.routing == "race":
+            r = pad_capacity(r, _max_over_group(r.capacity, self.ep_group))
         self.last = r
         indices_KS, locations_KS, gates_KS = slots_to_routes(r)
         l_aux = r.aux_loss if r.aux_loss is not None else x_SD.new_zeros((), dtype=torch.float32)
         return l_aux, r.capacity, self.num_experts, indices_KS, locations_KS, gates_KS, r.tokens_per_expert_E
+
+
+    # ------------------------------------------------------------------------------------------
+    # Batch-level groups and race routing (Race-DiT, arXiv 2503.16057; DiffMoE).
+
+    def _init_race(self, routing_group: str, tokens_per_image: int, momentum: float, inference: str,
+                   expert_cap: float) -> None:
+        self.routing_group = routing_group  # "batch": group_size is 0 (the whole local micro-batch)
+        self.tokens_per_image = tokens_per_image
+        self.race_expert_cap = expert_cap
+        self.race_momentum = momentum
+        self.race_inference = inference
+        if self.routing == "race":
+            # The learned inference threshold: an EMA of the k-th largest score, updated by every
+            # training forward; -1 = not learned yet (scores are probabilities, never negative).
+            # A persistent buffer, so DeepSpeed checkpoints and final/model.pt carry it.
+            self.register_buffer("race_threshold", torch.full((), -1.0))
+
+    def call_group_size(self) -> int:
+        """Tokens per routing group of this call. Batch-level groups exist in training only: in
+        eval mode every image is its own group, so a sample never depends on its batch neighbours."""
+        if self.routing_group == "batch" and not self.training:
+            return self.tokens_per_image
+        return self.group_size
+
+    def _route_race(self, logits_SE: Tensor) -> RoutingResult:
+        learned = bool(self.race_threshold >= 0)
+        if not self.training and self.race_inference == "threshold" and learned:
+            # The cap (if any) applies per image here: a per-image budget keeps images independent.
+            r = race(logits_SE, self.tokens_per_image, self.capacity_factor, threshold=float(self.race_threshold),
+                     expert_cap=self.race_expert_cap)
+        else:
+            # Training, `race_inference: topk`, or a threshold never learned: the group's top-k.
+            r = race(logits_SE, self.call_group_size(), self.capacity_factor, expert_cap=self.race_expert_cap)
+            if self.training and r.threshold_score is not None:
+                self._update_threshold(r.threshold_score)
+        r.stats["race_threshold"] = float(self.race_threshold)
+        return r
+
+    @torch.no_grad()
+    def _update_threshold(self, kth: Tensor) -> None:
+        kth = kth.detach().float().reshape(())
+        # Every data-parallel rank sees other images: average their k-th scores so that all ranks
+        # hold one threshold (a checkpoint stores rank 0's; a resumed rank must agree with it).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                kth = kth.clone()
+                torch.distributed.all_reduce(kth)
+                kth /= world
+        if self.race_threshold < 0:
+            self.race_threshold.copy_(kth)
+        else:
+            self.race_threshold.mul_(self.race_momentum).add_(kth, alpha=1.0 - self.race_momentum)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Keep the threshold in fp32 through .to(bf16) / .half(): an EMA with momentum 0.99 in
+        # bf16 (8 mantissa bits) would round every update away.
+        thr = self._buffers.get("race_threshold")
+        out = super()._apply(fn, recurse)
+        if thr is not None:
+            self._buffers["race_threshold"] = thr.to(self._buffers["race_threshold"].device)
+        return out
+
+
+def _max_over_group(value: int, group) -> int:
+    """The largest `value` over the processes of `group` (itself when there is no other process)."""
+    dist = torch.distributed
+    if group is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t)
 
 
 def dispatch_combine_reference(x_SD: Tensor, r: RoutingResult, experts: GroupedExperts) -> Tensor:
@@ -324,7 +411,9 @@ class MoEFeedForward(DeepSpeedMoE):
     def __init__(self, hidden_size: int, mlp_hidden: int, num_experts: int, routing: str,
                  capacity_factor: float, top_k: int, group_size: int, normalize_top_k: bool = True,
                  ep_size: int = 1, use_deepspeed_layer: bool = False, force_balanced: bool = False,
-                 ep_rank: int = 0) -> None:
+                 ep_rank: int = 0, routing_group: str = "image", tokens_per_image: int = 0,
+                 race_momentum: float = 0.99, race_inference: str = "threshold",
+                 race_expert_cap: float = 0.0) -> None:
         nn.Module.__init__(self)
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
@@ -333,7 +422,8 @@ class MoEFeedForward(DeepSpeedMoE):
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
         gate = Router(hidden_size, num_experts, routing, capacity_factor, top_k, group_size, normalize_top_k,
-                      force_balanced)
+                      force_balanced, routing_group, tokens_per_image or group_size, race_momentum, race_inference,
+                      race_expert_cap)
         experts = GroupedExperts(self.num_local_experts, hidden_size, mlp_hidden, self.expert_group_name,
                                  expert_offset=ep_rank * self.num_local_experts)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)

@@ -13,8 +13,11 @@ default, so routing is batch-independent); each group has its own per-expert cap
 `C = expert_capacity(group_size, f, E)`, and the slot tables of all groups are concatenated
 along the capacity axis (capacity = sum of the groups' C).
 
+Race routing (`race`, at the end of this file) picks (token, expert) pairs by one top-k per
+group, so its slot table's width is the busiest expert's count rather than a fixed capacity.
+
 Shape legend: S tokens (all groups, flattened), E experts, C slots per expert (all groups),
-N groups, G tokens per group, K routes per token, D width.
+N groups, G tokens per group, K routes per token (race: picks per group), R picks, D width.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RoutingResult:
     experts_per_token_S: Tensor | None = None  # (S,) long, detached: experts that processed each token
     tokens_per_expert_E: Tensor | None = None  # (E,) detached: routes each expert was asked for (before capacity)
     stats: dict[str, float] = field(default_factory=dict)  # scalars for logging
+    threshold_score: Tensor | None = None  # race top-k: mean k-th largest score of the groups (fp32, detached)
 
     @property
     def capacity(self) -> int:
@@ -246,3 +250,145 @@ def slots_to_routes(r: RoutingResult) -> tuple[Tensor, Tensor, Tensor]:
     locations_KS[rank, tok] = (slot % C).to(torch.int32)
     gates_KS = gates_KS.index_put((rank, tok), gates)
     return indices_KS, locations_KS, gates_KS
+
+
+# ----------------------------------------------------------------------------------------------
+# Race routing (Race-DiT, arXiv 2503.16057): one top-k over the tokens x experts scores of a group.
+
+
+def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: float | None = None,
+         expert_cap: float = 0.0) -> RoutingResult:
+    """Race routing: each group keeps its k = E * C largest (token, expert) affinities.
+
+    Scores are A = softmax(logits) over experts in fp32, as in expert choice: a token's scores
+    then sum to 1, so scores of different tokens are on one scale (a global top-k over raw
+    logits or sigmoids would hand every expert to the tokens with the largest hidden norm), and
+    race differs from expert choice only in the selection rule, which keeps the comparison
+    clean. k = E * C with C = expert_capacity(G, f, E) is expert choice's slot budget, so both
+    cost the same FLOPs on average; experts per token (0..E) and tokens per expert (0..G per
+    group) both vary. The combine weight is the raw affinity.
+
+    With `threshold` (inference) every pair with A >= threshold is kept instead: no top-k over
+    the group, so a token's routing does not depend on any other token. The result's
+    `threshold_score` (top-k only) is the mean over groups of the k-th largest score, the value
+    the router's learned threshold follows.
+
+    Top-k mode also returns an unweighted balance loss on the picks (`aux_loss`, weighted by
+    `moe.aux_loss_weight` in training, as token choice's): ours, not Race-DiT's exact
+    regulariser. Without it, after 80 steps of a debug run the busiest expert took 3.7 times the
+    mean load, which both idles experts and pads the slot table (`race_slot_fill` 0.27).
+
+    `expert_cap` > 0 bounds each expert's picks per group to expert_capacity(G, cap * f, E),
+    i.e. `cap` times expert choice's C (with a threshold, per image: G = `group_size`); an
+    expert's picks beyond it are dropped, lowest affinity first, like token choice's overflow.
+    0 leaves the natural bound: G tokens per expert and group.
+
+    Slot table: expert e's slots hold its picks from every group, in any order, so its width
+    is the largest number of tokens any expert took (not a per-group maximum, which would pad
+    far more); it never exceeds S. Building it needs only the K picks and (E,) counts.
+    """
+    S, E = logits_SE.shape
+    device = logits_SE.device
+    probs_SE = torch.softmax(logits_SE.float(), dim=-1)
+    kth_sum, n_groups, aux_loss = probs_SE.new_zeros(()), 0, None
+    if threshold is not None:
+        tok_R, exp_R = (probs_SE >= threshold).nonzero(as_tuple=True)
+        w_R = probs_SE[tok_R, exp_R]
+    else:
+        g = group_size if group_size > 0 else S
+        tok_parts, exp_parts, w_parts, aux_parts = [], [], [], []
+        for start, length in _group_bounds(S, g):
+            G = min(g, length)
+            N = length // G
+            K = E * expert_capacity(G, capacity_factor, E)
+            # The group's G x E scores as one row: one top-k picks (token, expert) pairs at once.
+            w_NK, flat_NK = probs_SE[start : start + length].reshape(N, G * E).topk(K, dim=-1, sorted=False)
+            kth_sum = kth_sum + w_NK.detach().min(dim=-1).values.sum()
+            n_groups += N
+            tok_parts.append((flat_NK // E + start + torch.arange(N, device=device).view(N, 1) * G).reshape(-1))
+            exp_parts.append((flat_NK % E).reshape(-1))
+            w_parts.append(w_NK.reshape(-1))
+            # Balance loss on the picks (GShard's form with the race's picks as the routes): 1 when
+            # every expert gets K / E picks, E when one expert takes them all.
+            e_NK = flat_NK % E
+            share_NE = torch.bincount((e_NK + torch.arange(N, device=device).view(N, 1) * E).reshape(-1),
+                                      minlength=N * E).view(N, E).float() / K
+            p_NE = probs_SE[start : start + length].view(N, G, E).mean(dim=1)
+            aux_parts.append(E * (p_NE * share_NE).sum(dim=-1))
+        tok_R, exp_R, w_R = torch.cat(tok_parts), torch.cat(exp_parts), torch.cat(w_parts)
+        aux_loss = torch.cat(aux_parts).mean()
+
+    picked = tok_R.numel()
+    if expert_cap > 0:
+        tok_R, exp_R, w_R = _cap_per_expert(tok_R, exp_R, w_R, group_size if group_size > 0 else S, E,
+                                            expert_capacity(group_size if group_size > 0 else S,
+                                                            expert_cap * capacity_factor, E))
+    counts_E = torch.bincount(exp_R, minlength=E)
+    width = max(1, int(counts_E.max())) if exp_R.numel() else 1
+    # Slot of each pick: its rank among the picks of its expert (a stable sort by expert).
+    order = torch.argsort(exp_R, stable=True)
+    first_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_R = torch.empty_like(exp_R)
+    pos_R[order] = torch.arange(exp_R.numel(), device=device) - first_E[exp_R[order]]
+    slot_R = exp_R * width + pos_R
+    token_idx = torch.full((E * width,), S, dtype=torch.long, device=device)
+    token_idx[slot_R] = tok_R
+    weight = probs_SE.new_zeros(E * width).scatter(0, slot_R, w_R)
+    token_idx_EC, weight_EC = token_idx.view(E, width), weight.view(E, width)
+
+    experts_per_token_S = torch.bincount(tok_R, minlength=S)
+    ept = experts_per_token_S.float()
+    # One host transfer for all statistics (each .item() would be a device sync).
+    mean, std, mn, mx, unrouted = torch.stack([ept.mean(), ept.std(unbiased=False), ept.min(), ept.max(),
+                                               (ept == 0).float().mean()]).tolist()
+    stats = {
+        "race_experts_per_token_mean": mean,
+        "race_experts_per_token_std": std,
+        "race_experts_per_token_min": mn,
+        "race_experts_per_token_max": mx,
+        "race_unrouted_frac": unrouted,
+        # Used share of the slot table: 1 when every expert took as many tokens as the busiest one.
+        "race_slot_fill": tok_R.numel() / (E * width),
+        "race_dropped_frac": 1.0 - tok_R.numel() / picked if picked else 0.0,  # by moe.race_expert_cap
+    }
+    return RoutingResult(
+        token_idx_EC=token_idx_EC,
+        weight_EC=weight_EC,
+        num_tokens=S,
+        aux_loss=aux_loss,
+        z_loss=router_z_loss(logits_SE) if aux_loss is not None else None,  # weighted by moe.z_loss_weight
+        experts_per_token_S=experts_per_token_S,
+        tokens_per_expert_E=counts_E,
+        stats=stats,
+        threshold_score=kth_sum / n_groups if n_groups else None,
+    )
+
+
+def _cap_per_expert(tok_R: Tensor, exp_R: Tensor, w_R: Tensor, group: int, E: int,
+                    cap: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The picks each expert keeps when it takes at most `cap` tokens of every group of `group`
+    consecutive tokens: its highest affinities (two stable sorts rank picks within (group, expert))."""
+    by_score = torch.argsort(w_R.detach(), descending=True, stable=True)
+    key_R = (tok_R // group) * E + exp_R
+    order = by_score[torch.argsort(key_R[by_score], stable=True)]
+    key_sorted = key_R[order]
+    counts = torch.bincount(key_sorted, minlength=int(key_sorted.max()) + 1 if key_sorted.numel() else 1)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=tok_R.device) - first[key_sorted]
+    keep = order[rank < cap]
+    return tok_R[keep], exp_R[keep], w_R[keep]
+
+
+def pad_capacity(r: RoutingResult, capacity: int) -> RoutingResult:
+    """The same routing with every expert's buffer widened to `capacity` unused slots' worth.
+
+    Expert parallelism needs one capacity on every rank (DeepSpeed's all-to-all splits the
+    dispatch buffer evenly), while race's width depends on the rank's tokens.
+    """
+    extra = capacity - r.capacity
+    if extra <= 0:
+        return r
+    E = r.token_idx_EC.shape[0]
+    r.token_idx_EC = torch.cat([r.token_idx_EC, r.token_idx_EC.new_full((E, extra), r.num_tokens)], dim=1)
+    r.weight_EC = torch.cat([r.weight_EC, r.weight_EC.new_zeros(E, extra)], dim=1)
+    return r

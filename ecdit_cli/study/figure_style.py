@@ -23,8 +23,9 @@ from ecdit_cli.numbers import si
 from ecdit_cli.study.collect import CollectResult
 from ecdit_cli.study.labels import series_labels, series_order, size_labels, size_order
 
-ROUTING_COLORS = {"dense": "#3a3a3a", "token_choice": "#1f6fb4", "expert_choice": "#e0541b"}
-ROUTING_NAMES = {"dense": "Dense", "token_choice": "Token choice (TC)", "expert_choice": "Expert choice (EC)"}
+ROUTING_COLORS = {"dense": "#3a3a3a", "token_choice": "#1f6fb4", "expert_choice": "#e0541b", "race": "#7b3fa0"}
+ROUTING_NAMES = {"dense": "Dense", "token_choice": "Token choice (TC)", "expert_choice": "Expert choice (EC)",
+                 "race": "Race (top-k over tokens x experts)"}
 _OTHER_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 SIZE_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 SERIES_STYLES = ["-", "--", ":", "-."]

@@ -317,6 +317,29 @@ def routing_stats(data: CollectResult) -> Figure:
     return finish(fig, "Routing statistics over training (averaged over MoE layers)", [])
 
 
+def race_stats(data: CollectResult) -> Figure:
+    """Race runs over training: experts per token (mean ± std, dotted: max), the learned inference
+    threshold, tokens no expert picked and the used share of the slot table."""
+    lay = Layout(data)
+    fig, axs = plt.subplots(2, 2, figsize=(11, 7.4), squeeze=False)
+    (a, b), (c, d) = axs
+    curves = data.curves
+    _metric_panel(a, lay, curves, "race", "race_experts_per_token_mean", std="race_experts_per_token_std",
+                  peak="race_experts_per_token_max")
+    a.set_title("Race: experts per token (mean ± std over tokens; dotted: max)")
+    a.set_ylabel("experts per token")
+    _metric_panel(b, lay, curves, "race", "race_threshold")
+    b.set_title("Race: learned inference threshold (EMA of the k-th score)")
+    b.set_ylabel("softmax affinity")
+    _metric_panel(c, lay, curves, "race", "race_unrouted_frac", scale=100)
+    c.set_title("Race: tokens picked by no expert")
+    c.set_ylabel("share of tokens (%)")
+    _metric_panel(d, lay, curves, "race", "race_slot_fill", scale=100)
+    d.set_title("Race: used share of the slot table (busiest expert = 100%)")
+    d.set_ylabel("used slots (%)")
+    return finish(fig, "Race routing over training (averaged over MoE layers)", [])
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation scores
 
@@ -422,6 +445,8 @@ def make_figures(
     routings = set(data.runs["routing"].astype(str)) if "routing" in data.runs else set()
     if routings & {"expert_choice", "token_choice"}:
         figs["routing_stats"] = routing_stats(data)
+    if "race" in routings:
+        figs["race_stats"] = race_stats(data)
     ev = eval_scores(data)
     if ev is not None:
         figs["eval_scores"] = ev

@@ -18,7 +18,8 @@ from ecdit_cli.numbers import plain
 # Axes that name a model size, and axes that are replicates: neither splits a series.
 SIZE_AXES = ("size", "hidden_size", "depth", "model.hidden_size", "model.depth", "preset")
 REPLICATE_AXES = ("seed", "train.seed")
-AXIS_ABBREV = {"num_experts": "E", "capacity_factor": "f", "top_k": "k", "moe.num_experts": "E"}
+AXIS_ABBREV = {"num_experts": "E", "capacity_factor": "f", "top_k": "k", "moe.num_experts": "E",
+               "routing_group": "group", "moe.routing_group": "group"}
 
 
 
@@ -65,11 +66,11 @@ def series_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
     return labels
 
 
-ROUTING_ORDER = ("dense", "token_choice", "expert_choice")
+ROUTING_ORDER = ("dense", "token_choice", "expert_choice", "race")
 
 
 def series_order(runs: pd.DataFrame, series: pd.Series) -> list[str]:
-    """Series labels: dense, then token choice, then expert choice, then others; by name within."""
+    """Series labels: dense, token choice, expert choice, race, then others; by name within."""
     routing = runs["routing"].astype(str) if "routing" in runs else pd.Series("run", index=runs.index)
     first = {s: routing[series == s].iloc[0] for s in series.unique()}
     rank = {r: i for i, r in enumerate(ROUTING_ORDER)}

@@ -332,6 +332,7 @@ FIGURE_CAPTIONS = {
                      "and its bootstrap 95% band.",
     "loss_vs_timestep": "Final validation loss at each fixed timestep t.",
     "routing_stats": "Routing statistics over training.",
+    "race_stats": "Race routing over training: experts per token, learned threshold, unrouted tokens, slot use.",
     "eval_scores": "GenEval-style scores per routing and size.",
 }  # fmt: skip
 

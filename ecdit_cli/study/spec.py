@@ -23,14 +23,16 @@ A spec is a short YAML file:
 
 Rules:
 - Axes that do not apply to a routing are collapsed, not multiplied: dense ignores
-  num_experts / capacity_factor / top_k / group_size, expert choice ignores top_k. A
+  num_experts / capacity_factor / top_k / group_size / routing_group, expert choice and race
+  ignore top_k, token choice ignores routing_group, only race keeps moe.race_* axes. A
   combination that is invalid for its routing (e.g. top_k > num_experts) is an error naming it.
 - match: activated_flops sets each dense point's FFN width (`moe.dense_width_mult`) so that its
   forward FLOPs per image equal those of the *reference MoE point* of the same size and budget:
   the first num_experts / capacity_factor / top_k values of the grid, expert choice if present.
   match: backbone keeps the dense backbone as is (the paper's comparison).
-- Run ids are readable, path-safe and derived from the point: `{size}-{ec|tc|dense}`, then
-  `-e{E}-f{f}` (EC), `-e{E}-k{k}` (TC, plus `-f{f}` when f varies), then any other varying axis
+- Run ids are readable, path-safe and derived from the point: `{size}-{ec|tc|race|dense}`, then
+  `-e{E}-f{f}` (EC, race), `-e{E}-k{k}` (TC, plus `-f{f}` when f varies), `-batch` / `-image`
+  when routing_group varies (`-batch` for a single batch-routed run), then any other varying axis
   (`-n{steps}`, `-i{images}`, `-lr{lr}`, `-{key}{value}`), then `-s{seed}`.
 """
 
@@ -70,6 +72,7 @@ AXES: dict[str, str] = {
     "capacity_factor": "moe.capacity_factor",
     "top_k": "moe.top_k",
     "group_size": "moe.group_size",
+    "routing_group": "moe.routing_group",
     "steps": "train.steps",
     "images": "train.steps",  # converted: ceil(images / batch_size)
     "lr": "train.lr",
@@ -78,6 +81,10 @@ AXES: dict[str, str] = {
 MOE_ONLY_AXES = {"num_experts", "capacity_factor", "top_k", "group_size", "moe.num_experts",
                  "moe.capacity_factor", "moe.top_k", "moe.group_size"}
 TC_ONLY_AXES = {"top_k", "moe.top_k"}
+# Batch-level groups apply to expert choice and race; race's own keys to race only.
+GROUP_AXES = {"routing_group", "moe.routing_group"}
+RACE_ONLY_AXES = {"moe.race_threshold_momentum", "moe.race_inference", "moe.race_expert_cap"}
+MOE_ONLY_AXES |= GROUP_AXES | RACE_ONLY_AXES
 SPEC_KEYS = ("name", "description", "base", "match", "grid", "include", "exclude")
 MATCH_RULES = ("activated_flops", "backbone")
 ACCOUNTING_COLUMNS = ("dense_width_mult", "params_total", "params_active", "flops_per_image", "train_flops")
@@ -183,9 +190,11 @@ def _fmt(v: Any) -> str:
 def _applies(axis: str, routing: str) -> bool:
     if routing == "dense":
         return axis not in MOE_ONLY_AXES
-    if routing == "expert_choice":
+    if axis in RACE_ONLY_AXES:
+        return routing == "race"
+    if routing in ("expert_choice", "race"):
         return axis not in TC_ONLY_AXES
-    return True
+    return axis not in GROUP_AXES
 
 
 def make_sweep(spec: StudySpec) -> list[SweepPoint]:
@@ -281,7 +290,7 @@ def _run_id(point_axes: dict[str, Any], varying: set[str]) -> str:
     if routing != "dense":
         if point_axes.get("num_experts") is not None:
             parts.append(f"e{_fmt(point_axes['num_experts'])}")
-        if routing == "expert_choice" and point_axes.get("capacity_factor") is not None:
+        if routing in ("expert_choice", "race") and point_axes.get("capacity_factor") is not None:
             parts.append(f"f{_fmt(point_axes['capacity_factor'])}")
         if routing == "token_choice":
             if point_axes.get("top_k") is not None:
@@ -290,9 +299,12 @@ def _run_id(point_axes: dict[str, Any], varying: set[str]) -> str:
                 parts.append(f"f{_fmt(point_axes['capacity_factor'])}")
         if "group_size" in varying and point_axes.get("group_size") is not None:
             parts.append(f"g{_fmt(point_axes['group_size'])}")
+        for axis in GROUP_AXES:  # `-batch` / `-image` where the routing group varies
+            if axis in varying and point_axes.get(axis) is not None:
+                parts.append(_fmt(point_axes[axis]))
     short = {"steps": "n", "images": "i", "lr": "lr"}
     for axis, value in point_axes.items():
-        if axis in ("size", "routing", "num_experts", "capacity_factor", "top_k", "group_size", "seed"):
+        if axis in ("size", "routing", "num_experts", "capacity_factor", "top_k", "group_size", "seed", *GROUP_AXES):
             continue
         if axis in varying and value is not None:
             parts.append(f"{short.get(axis, axis.split('.')[-1].replace('_', ''))}{_fmt(value)}")
@@ -309,6 +321,9 @@ def run_id_for_config(cfg: RunConfig) -> str:
         axes["capacity_factor"] = m.capacity_factor
         if m.routing == "token_choice":
             axes["top_k"] = m.top_k
+    if m.routing_group == "batch":
+        axes["routing_group"] = "batch"
+        return _run_id(axes, varying={"routing_group"})
     return _run_id(axes, varying=set())
 
 

@@ -77,6 +77,13 @@ def save_final_weights(engine, ema: EMA | None, model, run_dir: Path, dist, cfg:
         if ema is not None:
             e = ema.shadow[name]
             ema_weights[name] = gather_experts(e, ep) if expert else e
+    # Race routers' learned thresholds are buffers, not parameters; every rank holds the same
+    # value (averaged while training). The EMA weights sample with the live threshold.
+    for name, b in engine.module.named_buffers():
+        if name.endswith("race_threshold"):
+            weights[name] = b.detach().float().cpu().clone()
+            if ema is not None:
+                ema_weights[name] = weights[name]
     if dist.is_main:
         payload = {"format_version": cfg.format_version, **model.export(), "model": weights,
                    "ema": ema_weights or None}
