@@ -25,6 +25,8 @@ Routing = Literal["dense", "token_choice", "expert_choice"]
 ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
 # Short forms used in run ids and tables.
 ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec"}
+TRACKERS = ("jsonl", "tensorboard", "wandb", "csv")  # train.tracker: where metrics are written
+WANDB_MODES = ("", "offline", "online", "disabled")
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -236,6 +238,11 @@ class TrainConfig:
     eval_images: int = 2  # images per prompt in that subset
     eval_cfg: float = DEFAULT_CFG_SCALE  # classifier-free guidance scale of that subset's sampling
     eval_fd: bool = False  # also FD-scenes of that subset (its scene network trains once, then is cached)
+    # Where metrics go: metrics.jsonl always (every command reads it); tensorboard (RUN_DIR/tb/), wandb
+    # and csv (RUN_DIR/metrics.csv) mirror each of its records (train/trackers.py).
+    tracker: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_mode: str = ""  # offline, online or disabled; '' = $WANDB_MODE, else offline
+    wandb_project: str = ""  # '' = $WANDB_PROJECT, else the study's directory name (or "ecdit" for a lone run)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
@@ -263,6 +270,12 @@ class TrainConfig:
         )
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1) (0 = off)")
         _require(self.t_scale > 0, "train.t_scale", self.t_scale, "must be > 0")
+        _require(isinstance(self.tracker, list) and all(t in TRACKERS for t in self.tracker), "train.tracker",
+                 self.tracker, f"allowed: a list of {', '.join(TRACKERS)}")
+        # JSONL is the source of truth (resume, collect and status read it): always first, never twice.
+        self.tracker = ["jsonl", *dict.fromkeys(t for t in self.tracker if t != "jsonl")]
+        _require(self.wandb_mode in WANDB_MODES, "train.wandb_mode", self.wandb_mode,
+                 "allowed: '' ($WANDB_MODE, else offline), " + ", ".join(WANDB_MODES[1:]))
 
 
 @dataclass

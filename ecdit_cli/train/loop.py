@@ -28,7 +28,7 @@ import torch
 from ecdit_cli import __version__, rundir
 from ecdit_cli.config import RunConfig, save_config
 from ecdit_cli.errors import EcditError
-from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
+from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, read_jsonl, rewrite_jsonl
 from ecdit_cli.lock import RunLock
 from ecdit_cli.model.accounting import count
 from ecdit_cli.train import checkpoint
@@ -44,6 +44,8 @@ from ecdit_cli.train.records import (
     write_failed,
 )
 from ecdit_cli.train.signals import StopRequest
+from ecdit_cli.train.trackers import close_all, open_trackers
+from ecdit_cli.train.trackers import require as require_trackers
 from ecdit_cli.train.step import (
     StepContext,
     StepOutcome,
@@ -65,6 +67,7 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
     run = _Run(cfg, Path(run_dir), callbacks or Callbacks())
     if run.main:
         check_resume_compatible(cfg, run.run_dir)
+        require_trackers(cfg.train.tracker)
         run.lock.acquire()
     try:
         run.open_log()
@@ -114,6 +117,7 @@ class _Run:
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}
         self.restored = None
+        self.trackers: list = []  # mirrors of metrics.jsonl (train.tracker), rank 0 only
 
     # ---- setup
 
@@ -176,6 +180,8 @@ class _Run:
         dropped = rewrite_jsonl(self.run_dir / rundir.METRICS, lambda r: restored and int(r.get("step", 0)) <= start)
         if restored:
             self.log(f"resumed from step {start}" + (f" (dropped {dropped} later metric lines)" if dropped else ""))
+        kept = list(read_jsonl(self.run_dir / rundir.METRICS, warnings=[]))
+        self.trackers = open_trackers(self.cfg, self.run_dir, self.cfg.name or self.run_dir.name, restored, kept)
         prev = rundir.read_summary(self.run_dir) if (self.run_dir / rundir.SUMMARY).exists() else None
         if prev and restored:
             self.last_train = {"train_loss": prev.get("final_train_loss")}
@@ -219,7 +225,9 @@ class _Run:
         rec = {"kind": kind, "step": self.step_done, "images_seen": self.images_seen,
                "flops": self.acc.train_flops(self.images_seen), **values}
         if self.main:
-            append_jsonl(self.run_dir / rundir.METRICS, rec)
+            append_jsonl(self.run_dir / rundir.METRICS, rec)  # first: the source of truth
+            for tracker in self.trackers:
+                tracker.log(rec)
             self.cb.on_record(rec)
         return rec
 
@@ -361,6 +369,7 @@ class _Run:
         self.log(f"done: step {self.step_done}, final val loss {self.last_val.get('val_loss')}")
 
     def close(self) -> None:
+        close_all(self.trackers)
         if self.log_file is not None:
             self.log_file.close()
         self.lock.release()
