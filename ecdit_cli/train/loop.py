@@ -44,8 +44,6 @@ from ecdit_cli.train.records import (
     write_failed,
 )
 from ecdit_cli.train.signals import StopRequest
-from ecdit_cli.train.trackers import close_all, open_trackers
-from ecdit_cli.train.trackers import require as require_trackers
 from ecdit_cli.train.step import (
     StepContext,
     StepOutcome,
@@ -54,6 +52,8 @@ from ecdit_cli.train.step import (
     optimizer_step,
     zero_grads,
 )
+from ecdit_cli.train.trackers import close_all, open_trackers
+from ecdit_cli.train.trackers import require as require_trackers
 from ecdit_cli.train.validation import activation_dtype, validate
 from ecdit_cli.train.weights import EMA, save_final_weights
 
