@@ -61,7 +61,7 @@ def test_the_slurm_path_through_the_local_executor_ends_with_the_same_run_direct
         tmp_path, threads, capsys):
     ref, jobs = make_study(tmp_path / "ref"), make_study(tmp_path / "jobs")
     assert cli("train", "--sweep", ref, "--quiet") == 0
-    assert cli("train", "--sweep", jobs, "--slurm", "--cluster", "local", "--time", "10") == 0
+    assert cli("train", "--sweep", jobs, "--slurm", "--cluster", "local", "--time", "10", "--max-parallel", "2") == 0
     out = capsys.readouterr().out
     recorded = json.loads((jobs / "slurm" / "jobs.json").read_text())
     assert sorted(recorded) == IDS and all(recorded[r]["cluster"] == "local" for r in IDS)
@@ -113,9 +113,9 @@ def test_slurm_submission_is_one_job_array_with_the_asked_resources_and_status_s
     fake_command(bin_dir, "srun", "exit 0\n")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert cli("train", "--sweep", study, "--slurm", "--partition", "gpu", "--gpus-per-node", "8", "--nodes", "2",
-               "--time", "30", "--cpus-per-task", "16") == 0
+               "--time", "30", "--cpus-per-task", "16", "--max-parallel", "1") == 0
     script = (tmp_path / "submitted.sh").read_text()
-    for line in ("#SBATCH --array=0-1", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=2",
+    for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=2",
                  "#SBATCH --time=30", "#SBATCH --cpus-per-task=16", "#SBATCH --ntasks-per-node=1"):
         assert line in script, line
     recorded = json.loads((study / "slurm" / "jobs.json").read_text())
@@ -149,3 +149,12 @@ def test_a_multi_node_job_runs_one_torchrun_per_node_with_a_rendezvous_every_nod
         assert args == {"--nnodes": "2", "--node_rank": str(rank), "--nproc_per_node": "8",
                         "--master_addr": "node1", "--master_port": cmds[0][12]}
     assert multinode_command(tmp_path, 8, 2, 0, "node1", "4243_0")[12] != cmds[0][12]  # another job, another port
+
+
+def test_submitting_without_slurm_is_one_line_naming_the_missing_command(tmp_path, monkeypatch, capsys):
+    study = make_study(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty_bin"))
+    assert cli("train", "--sweep", study, "--slurm") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sbatch not found: submit from a Slurm login node" in err[0]
+    assert not (study / "slurm").exists()

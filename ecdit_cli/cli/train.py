@@ -33,6 +33,7 @@ def train(
     nodes: Annotated[int, typer.Option(help="With --slurm: nodes per job (more than 1: one torchrun per node).")] = 1,
     time: Annotated[int, typer.Option("--time", help="With --slurm: time limit per job in minutes (a run that reaches it checkpoints; submit again to resume).")] = 240,
     cpus_per_task: Annotated[Optional[int], typer.Option(help="With --slurm: CPUs per job and node.")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option(help="With --slurm: jobs at once (Slurm: the array's limit; local: waves of this many) [default: Slurm's, 1 locally].")] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="With --slurm: wait for the jobs and report their points [default: wait with --cluster local only].")] = None,
 ) -> None:
     """Train a run on DeepSpeed (dense, token choice or expert choice); re-running resumes it."""
@@ -40,7 +41,8 @@ def train(
 
     slurm_only = {"--cluster": cluster != "slurm", "--partition": partition is not None,
                   "--gpus-per-node": gpus_per_node != 0, "--nodes": nodes != 1, "--time": time != 240,
-                  "--cpus-per-task": cpus_per_task is not None, "--wait/--no-wait": wait is not None}
+                  "--cpus-per-task": cpus_per_task is not None, "--max-parallel": max_parallel is not None,
+                  "--wait/--no-wait": wait is not None}
     if not slurm and any(slurm_only.values()):
         raise EcditError(f"{next(k for k, v in slurm_only.items() if v)} needs --slurm (with --sweep DIR)")
     if sweep is not None:
@@ -53,7 +55,10 @@ def train(
                 raise EcditError(f"{'--archive' if archive is not None else '--hostfile'} cannot be combined with "
                                  "--slurm (Slurm places the jobs; archive the study when they are done)")
             opts = SlurmOptions(cluster=cluster, partition=partition, gpus_per_node=gpus_per_node, nodes=nodes,
-                                time_min=time, cpus_per_task=cpus_per_task, nproc=nproc, launcher=launcher)
+                                time_min=time, cpus_per_task=cpus_per_task, nproc=nproc, launcher=launcher,
+                                max_parallel=max_parallel)
+            if cluster == "local" and wait is False:
+                raise EcditError("--no-wait needs --cluster slurm: local jobs are this command's own processes")
             exit_with(_submit_sweep(sweep, only, opts, dry_run, cluster == "local" if wait is None else wait))
             return
         exit_with(_train_sweep(sweep, only, nproc, hostfile, launcher, quiet, dry_run, archive))

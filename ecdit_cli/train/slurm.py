@@ -51,6 +51,9 @@ class SlurmOptions:
     cpus_per_task: int | None = None
     nproc: int = 1
     launcher: str = "deepspeed"
+    # Jobs at once: Slurm's array throttle (%N); the local executor (which has none) submits waves of
+    # this many and waits for each. None: submitit's default on Slurm, one at a time locally.
+    max_parallel: int | None = None
 
     def check(self) -> None:
         from ecdit_cli.train.launch import LAUNCHERS
@@ -61,6 +64,8 @@ class SlurmOptions:
                              ("--time", self.time_min, 1), ("--nproc", self.nproc, 1)):
             if v < low:
                 raise EcditError(f"{name} {v} is invalid: must be >= {low}")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise EcditError(f"--max-parallel {self.max_parallel} is invalid: must be >= 1")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise EcditError(f"--cpus-per-task {self.cpus_per_task} is invalid: must be >= 1")
         if self.launcher not in LAUNCHERS:
@@ -82,6 +87,8 @@ class SlurmOptions:
             params["cpus_per_task"] = self.cpus_per_task
         if self.partition:
             params["slurm_partition"] = self.partition
+        if self.max_parallel and self.cluster == "slurm":
+            params["slurm_array_parallelism"] = self.max_parallel
         return params
 
 
@@ -137,19 +144,30 @@ def submit(study: Path, opts: SlurmOptions, only: str | None = None, dry_run: bo
         return plan
     executor = submitit.AutoExecutor(folder=study / LOGS_DIR, cluster=opts.cluster)
     executor.update_parameters(**plan.parameters)
-    n = len(todo)
-    # Absolute paths: a job may start in another working directory.
+    wave = len(todo) if opts.cluster == "slurm" else (opts.max_parallel or 1)
+    for i in range(0, len(todo), wave):
+        if plan.jobs:  # local waves: the previous one ends first
+            for job in plan.jobs[-wave:]:
+                job.wait()
+        points = todo[i:i + wave]
+        jobs = _submit_array(submitit, executor, points, opts)
+        plan.jobs += jobs
+        submitted = {p.run_id: str(j.job_id) for p, j in zip(points, jobs)}
+        plan.submitted.update(submitted)
+        _record_jobs(study, opts.cluster, submitted)
+    return plan
+
+
+def _submit_array(submitit, executor, points: list, opts: SlurmOptions) -> list:
+    n = len(points)
     try:
-        jobs = executor.map_array(run_point, [str(p.run_dir.resolve()) for p in todo], [opts.procs_per_node] * n,
+        # Absolute paths: a job may start in another working directory.
+        return executor.map_array(run_point, [str(p.run_dir.resolve()) for p in points], [opts.procs_per_node] * n,
                                   [opts.launcher] * n, [opts.nodes] * n)
     except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.FailedJobError, OSError) as err:
         # sbatch's own refusal (an unknown partition, a time above the partition's limit, ...).
         raise EcditError(f"submission failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
                          ) from None
-    plan.jobs = jobs
-    plan.submitted = {p.run_id: str(j.job_id) for p, j in zip(todo, jobs)}
-    _record_jobs(study, opts.cluster, plan.submitted)
-    return plan
 
 
 def _record_jobs(study: Path, cluster: str, submitted: dict[str, str]) -> None:
