@@ -101,3 +101,15 @@ def test_an_export_of_a_run_without_ema_holds_its_raw_weights(tmp_path):
     a = sample_run(run, PROMPTS[:1], n=1, steps=2)
     b = sample_run(res.out_dir, PROMPTS[:1], n=1, steps=2)
     assert np.array_equal(a.images, b.images)
+
+
+def test_without_safetensors_export_is_one_line_naming_the_extra(ec_run, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(ec_run), "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: exports need the safetensors package: pip install -e '.[export]'"
+    assert not (tmp_path / "x").exists()

@@ -158,3 +158,23 @@ def test_submitting_without_slurm_is_one_line_naming_the_missing_command(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sbatch not found: submit from a Slurm login node" in err[0]
     assert not (study / "slurm").exists()
+
+
+def test_without_submitit_slurm_is_one_line_naming_the_extra_and_status_still_shows_the_jobs(
+        tmp_path, monkeypatch, capsys):
+    from submitit.core.utils import JobPaths
+
+    study = make_study(tmp_path)
+    (study / "slurm").mkdir()
+    (study / "slurm" / "jobs.json").write_text(json.dumps({IDS[0]: {"job_id": "77", "cluster": "slurm"}}))
+    # The result file a local job leaves, by the name submitit gives it (status reads it without submitit).
+    assert JobPaths(study / "slurm" / "logs", "77", 0).result_pickle == study / "slurm" / "logs" / "77_0_result.pkl"
+    fake_command(tmp_path / "bin", "sacct", 'printf "JobID|State|NodeList\n77|RUNNING|node1\n"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for name in ("submitit", "submitit.slurm", "submitit.slurm.slurm"):  # as if not installed
+        monkeypatch.setitem(__import__("sys").modules, name, None)
+    assert cli("train", "--sweep", study, "--slurm", "--dry-run") == 2
+    assert "--slurm needs the submitit package: pip install -e '.[slurm]'" in capsys.readouterr().err
+    assert cli("status", study, "--json") == 0
+    rows = {r["run_id"]: (r["job_id"], r["job_state"]) for r in json.loads(capsys.readouterr().out)}
+    assert rows == {IDS[0]: ("77", "UNKNOWN"), IDS[1]: (None, None)}

@@ -127,17 +127,20 @@ def _submit_sweep(study: Path, only: Optional[str], opts, dry_run: bool, wait: b
     from ecdit_cli.train.driver import EXIT_CODES
     from ecdit_cli.train.slurm import JOBS_FILE, submit
 
-    sub = submit(study, opts, only, dry_run=dry_run)
-    console.print(f"study {study}: {len(sub.done)} done, {len(sub.held)} held, {len(sub.submitted)} to submit "
-                  f"({opts.cluster}: " + ", ".join(f"{k}={v}" for k, v in sub.parameters.items()) + ")", markup=False)
-    for run_id, why in sub.held.items():
+    def submitted(jobs: dict[str, str]) -> None:
+        for run_id, job_id in jobs.items():
+            console.print(f"  {run_id}: job {job_id}", markup=False)
+
+    plan = submit(study, opts, only, dry_run=True)  # what to submit, before anything starts
+    console.print(f"study {study}: {len(plan.done)} done, {len(plan.held)} held, {len(plan.submitted)} to submit "
+                  f"({opts.cluster}: " + ", ".join(f"{k}={v}" for k, v in plan.parameters.items()) + ")", markup=False)
+    for run_id, why in plan.held.items():
         console.print(f"  {run_id}: held ({why})", markup=False)
     if dry_run:
-        for run_id in sub.submitted:
+        for run_id in plan.submitted:
             console.print(f"  {run_id}: would be submitted", markup=False)
         return 0
-    for run_id, job_id in sub.submitted.items():
-        console.print(f"  {run_id}: job {job_id}", markup=False)
+    sub = submit(study, opts, only, on_submit=submitted)
     if sub.submitted:
         console.print(f"job ids in {study / JOBS_FILE}; follow them with: ecdit status {study}", markup=False)
     if not wait or not sub.jobs:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,8 +130,10 @@ def pending_points(study: Path, only: str | None = None) -> tuple[list, Submissi
     return todo, plan
 
 
-def submit(study: Path, opts: SlurmOptions, only: str | None = None, dry_run: bool = False) -> Submission:
-    """Submit one job per pending point (one job array); record the job ids in STUDY/slurm/jobs.json."""
+def submit(study: Path, opts: SlurmOptions, only: str | None = None, dry_run: bool = False,
+           on_submit: Callable[[dict[str, str]], None] = lambda submitted: None) -> Submission:
+    """Submit one job per pending point (one job array); record the job ids in STUDY/slurm/jobs.json.
+    `on_submit` gets each submission's {run id: job id} (local waves: one call per wave)."""
     opts.check()
     submitit = import_submitit()
     missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
@@ -155,6 +158,7 @@ def submit(study: Path, opts: SlurmOptions, only: str | None = None, dry_run: bo
         submitted = {p.run_id: str(j.job_id) for p, j in zip(points, jobs)}
         plan.submitted.update(submitted)
         _record_jobs(study, opts.cluster, submitted)
+        on_submit(submitted)
     return plan
 
 
@@ -195,10 +199,15 @@ def job_states(study: Path) -> dict[str, dict[str, str]]:
     out = {rid: {"job_id": j["job_id"], "cluster": j.get("cluster", "slurm"), "state": "UNKNOWN"}
            for rid, j in jobs.items()}
     slurm_ids = [j["job_id"] for j in out.values() if j["cluster"] == "slurm"]
+    watcher = None
     if slurm_ids and shutil.which("sacct") is not None:
-        from submitit.slurm.slurm import SlurmJob
+        try:
+            from submitit.slurm.slurm import SlurmJob
 
-        watcher = SlurmJob.watcher
+            watcher = SlurmJob.watcher
+        except ImportError:  # `ecdit status` still shows the run states and job ids
+            pass
+    if watcher is not None:
         for jid in slurm_ids:
             watcher.register_job(jid)
         watcher.update()  # one sacct call for every job
@@ -212,9 +221,7 @@ def job_states(study: Path) -> dict[str, dict[str, str]]:
 
 
 def _local_state(folder: Path, job_id: str) -> str:
-    from submitit.core.utils import JobPaths
-
-    if JobPaths(folder, job_id, 0).result_pickle.exists():
+    if (folder / f"{job_id}_0_result.pkl").exists():  # submitit's JobPaths(folder, job_id, 0).result_pickle
         return "FINISHED"
     try:
         os.kill(int(job_id), 0)  # a local job's id is its process id
