@@ -157,6 +157,9 @@ def test_a_wandb_offline_run_directory_is_created_and_a_resumed_run_reuses_its_i
     state = json.loads((run_dir / "wandb.json").read_text())
     assert state["mode"] == "offline" and state["name"] == run_dir.name and state["project"] == "ecdit"
     assert state["last_step"] == 12 and state["last_kinds"] == ["train", "val"]
+    import wandb
+
+    wandb.teardown()  # wandb's service writes a finished run's file in the background; this waits for it
     runs = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
     # Two sessions, one wandb run: both offline directories carry the same id.
     assert len(runs) == 2 and all(p.name.endswith("-" + state["id"]) for p in runs)

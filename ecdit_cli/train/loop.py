@@ -181,7 +181,8 @@ class _Run:
         if restored:
             self.log(f"resumed from step {start}" + (f" (dropped {dropped} later metric lines)" if dropped else ""))
         kept = list(read_jsonl(self.run_dir / rundir.METRICS, warnings=[]))
-        self.trackers = open_trackers(self.cfg, self.run_dir, self.cfg.name or self.run_dir.name, restored, kept)
+        self.trackers = open_trackers(self.cfg, self.run_dir, self.cfg.name or self.run_dir.name,
+                                      start if restored else None, kept)
         prev = rundir.read_summary(self.run_dir) if (self.run_dir / rundir.SUMMARY).exists() else None
         if prev and restored:
             self.last_train = {"train_loss": prev.get("final_train_loss")}

@@ -73,18 +73,18 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def open_trackers(cfg: RunConfig, run_dir: Path, run_id: str, restored: bool, kept: list[dict[str, Any]]
+def open_trackers(cfg: RunConfig, run_dir: Path, run_id: str, start: int | None, kept: list[dict[str, Any]]
                   ) -> list[Tracker]:
     """The mirrors `cfg.train.tracker` lists, each holding exactly the `kept` records of metrics.jsonl.
-    `restored`: the run continues from a checkpoint (else it starts over and `kept` is empty)."""
-    start = max((int(r.get("step", 0)) for r in kept), default=-1)
+    `start`: the step of the checkpoint the run continues from (None: it starts over, `kept` is empty)."""
+    restored = start is not None
     out: list[Tracker] = []
     try:
         for name in cfg.train.tracker:
             if name == "csv":
                 out.append(CSVMirror(run_dir, kept))
             elif name == "tensorboard":
-                out.append(TensorBoardMirror(run_dir, restored, start, kept))
+                out.append(TensorBoardMirror(run_dir, start, kept))
             elif name == "wandb":
                 out.append(WandbMirror(cfg, run_dir, run_id, restored, kept))
     except BaseException:
@@ -144,14 +144,14 @@ class CSVMirror:
 class TensorBoardMirror:
     """RUN_DIR/tb/: scalars `kind/key` at the record's step, through torch's SummaryWriter."""
 
-    def __init__(self, run_dir: Path, restored: bool, start: int, kept: list[dict[str, Any]]) -> None:
+    def __init__(self, run_dir: Path, start: int | None, kept: list[dict[str, Any]]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir = run_dir / TB_DIR
         has_events = log_dir.is_dir() and any(log_dir.glob("events.out.tfevents.*"))
         # TensorBoard's restart marker: events of earlier files at steps >= purge_step are dropped.
         # Without a checkpoint the run starts over, so everything is.
-        purge = (start + 1 if restored else 0) if has_events else None
+        purge = (0 if start is None else start + 1) if has_events else None
         try:
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
         except OSError as err:
