@@ -31,7 +31,7 @@ def train(
     partition: Annotated[Optional[str], typer.Option(help="With --slurm: the Slurm partition.")] = None,
     gpus_per_node: Annotated[int, typer.Option(help="With --slurm: GPUs per job and node, one process each (0: a CPU job of --nproc processes).")] = 0,
     nodes: Annotated[int, typer.Option(help="With --slurm: nodes per job (more than 1: one torchrun per node).")] = 1,
-    time: Annotated[int, typer.Option("--time", help="With --slurm: time limit per job in minutes (a run that reaches it checkpoints; submit again to resume).")] = 240,
+    time_limit: Annotated[int, typer.Option("--time", help="With --slurm: time limit per job in minutes (a run that reaches it checkpoints; submit again to resume).")] = 240,
     cpus_per_task: Annotated[Optional[int], typer.Option(help="With --slurm: CPUs per job and node.")] = None,
     max_parallel: Annotated[Optional[int], typer.Option(help="With --slurm: jobs at once (Slurm: the array's limit; local: waves of this many) [default: Slurm's, 1 locally].")] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="With --slurm: wait for the jobs and report their points [default: wait with --cluster local only].")] = None,
@@ -40,7 +40,7 @@ def train(
     from ecdit_cli.errors import EcditError
 
     slurm_only = {"--cluster": cluster != "slurm", "--partition": partition is not None,
-                  "--gpus-per-node": gpus_per_node != 0, "--nodes": nodes != 1, "--time": time != 240,
+                  "--gpus-per-node": gpus_per_node != 0, "--nodes": nodes != 1, "--time": time_limit != 240,
                   "--cpus-per-task": cpus_per_task is not None, "--max-parallel": max_parallel is not None,
                   "--wait/--no-wait": wait is not None}
     if not slurm and any(slurm_only.values()):
@@ -55,7 +55,7 @@ def train(
                 raise EcditError(f"{'--archive' if archive is not None else '--hostfile'} cannot be combined with "
                                  "--slurm (Slurm places the jobs; archive the study when they are done)")
             opts = SlurmOptions(cluster=cluster, partition=partition, gpus_per_node=gpus_per_node, nodes=nodes,
-                                time_min=time, cpus_per_task=cpus_per_task, nproc=nproc, launcher=launcher,
+                                time_min=time_limit, cpus_per_task=cpus_per_task, nproc=nproc, launcher=launcher,
                                 max_parallel=max_parallel)
             if cluster == "local" and wait is False:
                 raise EcditError("--no-wait needs --cluster slurm: local jobs are this command's own processes")
