@@ -178,3 +178,27 @@ def test_without_submitit_slurm_is_one_line_naming_the_extra_and_status_still_sh
     assert cli("status", study, "--json") == 0
     rows = {r["run_id"]: (r["job_id"], r["job_state"]) for r in json.loads(capsys.readouterr().out)}
     assert rows == {IDS[0]: ("77", "UNKNOWN"), IDS[1]: (None, None)}
+
+
+def test_the_local_executor_runs_waves_of_max_parallel_jobs_one_after_the_other(tmp_path, monkeypatch):
+    from ecdit_cli.train import slurm
+
+    study = make_study(tmp_path)
+    events = []
+
+    class FakeJob:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+        def wait(self):
+            events.append(("wait", self.job_id))
+
+    def fake_submit(submitit, executor, points, opts):
+        events.append(("submit", [p.run_id for p in points]))
+        return [FakeJob(str(100 + len(events) + i)) for i in range(len(points))]
+
+    monkeypatch.setattr(slurm, "_submit_array", fake_submit)
+    sub = slurm.submit(study, slurm.SlurmOptions(cluster="local"))  # default: one job at a time
+    assert events == [("submit", [IDS[0]]), ("wait", "101"), ("submit", [IDS[1]])]
+    assert sub.submitted == {IDS[0]: "101", IDS[1]: "103"}
+    assert {r: j["job_id"] for r, j in slurm.read_jobs(study).items()} == sub.submitted
