@@ -9,6 +9,8 @@ Run directory (written by `ecdit train`, read by collect/plot/sample/eval/analyz
     final/model.pt    consolidated weights (model + EMA + tokenizer vocabulary + config), no DeepSpeed needed
     train.log         plain-text log of the run
     .lock             held while a trainer works on the directory
+    tb/, metrics.csv, wandb.json, wandb/   optional mirrors of metrics.jsonl (train.tracker)
+    export/           optional: `ecdit export` (model.safetensors, config.json, vocab.json)
 
 Study directory (written by `ecdit sweep`):
 
@@ -16,6 +18,7 @@ Study directory (written by `ecdit sweep`):
     manifest.csv      one row per point: run_id, every axis, params/FLOPs accounting
     runs/<run_id>/    one run directory per point (config.yaml written by the sweep)
     launch.sh         optional: one DeepSpeed launcher command per point
+    slurm/            optional: jobs.json (job id per point) and logs/ of `ecdit train --sweep --slurm`
     runs.csv, curves.csv, plots/, report.md, report.html   (written by collect / plot)
 
 metrics.jsonl train records: step, images_seen, flops (cumulative training FLOPs, 3x forward),

@@ -45,6 +45,7 @@ def ws(tmp_path_factory, ec_run):
     (root / "unfinished").mkdir()
     (root / "unfinished" / "config.yaml").write_text((ec_run / "config.yaml").read_text())
     main_ok(["sweep", str(root / "spec.yaml"), "-o", str(root / "study")])
+    main_ok(["export", str(run), "-o", str(root / "export")])
     return root
 
 
@@ -132,6 +133,26 @@ CASES = [
      "--race-mode applies to race runs"),
     ("train", ["train", "debug", "--set", "moe.routing=token_choice", "--set", "moe.routing_group=batch"],
      "moe.routing_group='batch' is invalid: batch groups apply to moe.routing=expert_choice or race"),
+    # tracking, cluster sweeps, export
+    ("train", ["train", "debug", "--set", "train.tracker=[jsonl,mlflow]"],
+     "train.tracker=['jsonl', 'mlflow'] is invalid: allowed: a list of jsonl, tensorboard, wandb, csv"),
+    ("train", ["train", "debug", "--set", "train.wandb_mode=cloud"], "train.wandb_mode='cloud' is invalid: allowed:"),
+    ("train", ["train", "debug", "--slurm"], "--slurm needs --sweep DIR"),
+    ("train", ["train", "--sweep", "{ws}/study", "--partition", "gpu"], "--partition needs --slurm"),
+    ("train", ["train", "--sweep", "{ws}/study", "--slurm", "--cluster", "moon"],
+     "--cluster 'moon' is invalid: allowed: slurm, local"),
+    ("train", ["train", "--sweep", "{ws}/study", "--slurm", "--nodes", "0"], "--nodes 0 is invalid: must be >= 1"),
+    ("train", ["train", "--sweep", "{ws}/study", "--slurm", "--cluster", "local", "--nodes", "2"],
+     "--nodes 2 is invalid with --cluster local"),
+    ("train", ["train", "--sweep", "{ws}/study", "--slurm", "--cluster", "local", "--no-wait"],
+     "--no-wait needs --cluster slurm"),
+    ("train", ["train", "--sweep", "{ws}/study", "--slurm", "--archive", "{ws}/records"],
+     "--archive cannot be combined with --slurm"),
+    ("export", ["export", "{ws}/nowhere"], "run directory not found"),
+    ("export", ["export", "{ws}/unfinished"], "has no final weights"),
+    ("export", ["export", "{ws}/old_run"], "format version"),
+    ("export", ["export", "{ws}/run", "-o", "{ws}/table.csv"], "export directory is not a directory"),
+    ("sample", ["sample", "{ws}/export", "--prompt", "a red circle", "--no-ema"], "holds the EMA weights only"),
     # eval
     ("eval", ["eval", "{ws}/nowhere"], "not found"),
     ("eval", ["eval", "{ws}/run", "-n", "0"], "0"),

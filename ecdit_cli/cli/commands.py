@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sample", "evaluate", "sample"),
     ("eval", "evaluate", "eval_"),
     ("analyze", "evaluate", "analyze"),
+    ("export", "export", "export"),
     ("bench", "bench", "app"),
 ]
 

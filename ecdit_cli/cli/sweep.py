@@ -82,6 +82,15 @@ def status(
     from ecdit_cli import rundir
 
     rows = rundir.status_rows(study)
+    jobs = {}
+    if rundir.is_study_dir(study):
+        from ecdit_cli.train.slurm import job_states, read_jobs
+
+        if read_jobs(study):  # submitit is needed only where jobs were submitted
+            jobs = job_states(study)
+            for r in rows:
+                job = jobs.get(r["run_id"], {})
+                r["job_id"], r["job_state"] = job.get("job_id"), job.get("state")
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -91,14 +100,21 @@ def status(
     colors = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
     table = Table(title=f"{study}")
     table.add_column("run_id", no_wrap=True)
-    for col in ( "state", "steps", "val loss", "wall time", "note"):
+    job_cols = ("job", "job state") if jobs else ()
+    for col in ("state", *job_cols, "steps", "val loss", "wall time", "note"):
         table.add_column(col, justify="right" if col in ("steps", "val loss", "wall time") else "left")
     for r in rows:
         steps = f"{r['step']}/{r['steps']}" if r["steps"] else "-"
         loss = f"{r['final_val_loss']:.4f}" if isinstance(r["final_val_loss"], (int, float)) else "-"
         wall = f"{r['wall_time_s'] / 60:.1f} min" if r["wall_time_s"] else "-"
         c = colors.get(r["status"], "white")
-        table.add_row(r["run_id"], f"[{c}]{r['status']}[/]", steps, loss, wall, (r["error"] or "")[:70])
+        job = (r["job_id"] or "-", r["job_state"] or "-") if jobs else ()
+        table.add_row(r["run_id"], f"[{c}]{r['status']}[/]", *job, steps, loss, wall, (r["error"] or "")[:70])
     console.print(table)
+    if any(j["cluster"] == "slurm" and j["state"] == "UNKNOWN" for j in jobs.values()):
+        import shutil
+
+        if shutil.which("sacct") is None:
+            console.print("job states are UNKNOWN here: sacct (Slurm's accounting command) is not on this machine")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "running", "interrupted", "failed", "pending")}
     console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n))

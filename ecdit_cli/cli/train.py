@@ -26,15 +26,45 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config, derived numbers and launch command; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; one line per logged step only on errors.")] = False,
     archive: Annotated[Optional[Path], typer.Option(help="With --sweep: record archive (see `ecdit archive`): take its finished points, add each point that finishes.")] = None,
+    slurm: Annotated[bool, typer.Option("--slurm", help="With --sweep: submit one job per pending point (a job array, through submitit) instead of training here.")] = False,
+    cluster: Annotated[str, typer.Option(help="With --slurm: slurm (sbatch), or local (the same jobs as processes on this machine).")] = "slurm",
+    partition: Annotated[Optional[str], typer.Option(help="With --slurm: the Slurm partition.")] = None,
+    gpus_per_node: Annotated[int, typer.Option(help="With --slurm: GPUs per job and node, one process each (0: a CPU job of --nproc processes).")] = 0,
+    nodes: Annotated[int, typer.Option(help="With --slurm: nodes per job (more than 1: one torchrun per node).")] = 1,
+    time_limit: Annotated[int, typer.Option("--time", help="With --slurm: time limit per job in minutes (a run that reaches it checkpoints; submit again to resume).")] = 240,
+    cpus_per_task: Annotated[Optional[int], typer.Option(help="With --slurm: CPUs per job and node.")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option(help="With --slurm: jobs at once (Slurm: the array's limit; local: waves of this many) [default: Slurm's, 1 locally].")] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="With --slurm: wait for the jobs and report their points [default: wait with --cluster local only].")] = None,
 ) -> None:
     """Train a run on DeepSpeed (dense, token choice or expert choice); re-running resumes it."""
     from ecdit_cli.errors import EcditError
 
+    slurm_only = {"--cluster": cluster != "slurm", "--partition": partition is not None,
+                  "--gpus-per-node": gpus_per_node != 0, "--nodes": nodes != 1, "--time": time_limit != 240,
+                  "--cpus-per-task": cpus_per_task is not None, "--max-parallel": max_parallel is not None,
+                  "--wait/--no-wait": wait is not None}
+    if not slurm and any(slurm_only.values()):
+        raise EcditError(f"{next(k for k, v in slurm_only.items() if v)} needs --slurm (with --sweep DIR)")
     if sweep is not None:
         if config is not None or set_:
             raise EcditError("--sweep trains the study's own configs: drop the CONFIG argument and --set")
+        if slurm:
+            from ecdit_cli.train.slurm import SlurmOptions
+
+            if archive is not None or hostfile is not None:
+                raise EcditError(f"{'--archive' if archive is not None else '--hostfile'} cannot be combined with "
+                                 "--slurm (Slurm places the jobs; archive the study when they are done)")
+            opts = SlurmOptions(cluster=cluster, partition=partition, gpus_per_node=gpus_per_node, nodes=nodes,
+                                time_min=time_limit, cpus_per_task=cpus_per_task, nproc=nproc, launcher=launcher,
+                                max_parallel=max_parallel)
+            if cluster == "local" and wait is False:
+                raise EcditError("--no-wait needs --cluster slurm: local jobs are this command's own processes")
+            exit_with(_submit_sweep(sweep, only, opts, dry_run, cluster == "local" if wait is None else wait))
+            return
         exit_with(_train_sweep(sweep, only, nproc, hostfile, launcher, quiet, dry_run, archive))
         return
+    if slurm:
+        raise EcditError("--slurm needs --sweep DIR")
     if only is not None or archive is not None:
         raise EcditError(f"{'--only' if only is not None else '--archive'} needs --sweep DIR")
     overrides = list(set_ or [])
@@ -88,6 +118,43 @@ def _esc(msg: str) -> str:
     from rich.markup import escape
 
     return escape(msg)
+
+
+def _submit_sweep(study: Path, only: Optional[str], opts, dry_run: bool, wait: bool) -> int:
+    """Submit the pending points as jobs; with `wait`, wait for them and report as a sweep does."""
+    from ecdit_cli import rundir
+    from ecdit_cli.cli.progress import console, err_console
+    from ecdit_cli.train.driver import EXIT_CODES
+    from ecdit_cli.train.slurm import JOBS_FILE, submit
+
+    def submitted(jobs: dict[str, str]) -> None:
+        for run_id, job_id in jobs.items():
+            console.print(f"  {run_id}: job {job_id}", markup=False)
+
+    plan = submit(study, opts, only, dry_run=True)  # what to submit, before anything starts
+    console.print(f"study {study}: {len(plan.done)} done, {len(plan.held)} held, {len(plan.submitted)} to submit "
+                  f"({opts.cluster}: " + ", ".join(f"{k}={v}" for k, v in plan.parameters.items()) + ")", markup=False)
+    for run_id, why in plan.held.items():
+        console.print(f"  {run_id}: held ({why})", markup=False)
+    if dry_run:
+        for run_id in plan.submitted:
+            console.print(f"  {run_id}: would be submitted", markup=False)
+        return 0
+    sub = submit(study, opts, only, on_submit=submitted)
+    if sub.submitted:
+        console.print(f"job ids in {study / JOBS_FILE}; follow them with: ecdit status {study}", markup=False)
+    if not wait or not sub.jobs:
+        return 0
+    for job in sub.jobs:
+        job.wait()
+    states = {run_id: rundir.run_status(study / rundir.RUNS / run_id) for run_id in sub.submitted}
+    bad = [r for r, s in states.items() if s in ("failed", "interrupted", "pending")]
+    if bad:
+        err_console.print(f"{len(bad)} point(s) not done: {', '.join(bad)} (see `ecdit status {study}` and "
+                          f"{study / 'slurm' / 'logs'})", markup=False)
+        return EXIT_CODES["failed"]
+    console.print(f"study {study}: {len(states)} submitted point(s) done", markup=False)
+    return 0
 
 
 def _train_sweep(study: Path, only: Optional[str], nproc: int, hostfile: Optional[Path], launcher: str,

@@ -37,6 +37,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is list:
+        # `--set train.tracker=tensorboard,csv` as well as `[tensorboard, csv]`.
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: expected true or false")

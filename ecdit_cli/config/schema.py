@@ -25,6 +25,8 @@ Routing = Literal["dense", "token_choice", "expert_choice", "race"]
 ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
 # Short forms used in run ids and tables.
 ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec", "race": "race"}
+TRACKERS = ("jsonl", "tensorboard", "wandb", "csv")  # train.tracker: where metrics are written
+WANDB_MODES = ("", "offline", "online", "disabled")
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -283,6 +285,11 @@ class TrainConfig:
     init_from: str = ""  # a finished run directory whose final weights start this run ('' = random init;
     #                      dense -> MoE is sparse upcycling: experts copy the dense FFN, router at zero)
     init_noise: float = 0.0  # upcycling: Gaussian noise on each expert's weights, relative to their RMS
+    # Where metrics go: metrics.jsonl always (every command reads it); tensorboard (RUN_DIR/tb/), wandb
+    # and csv (RUN_DIR/metrics.csv) mirror each of its records (train/trackers.py).
+    tracker: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_mode: str = ""  # offline, online or disabled; '' = $WANDB_MODE, else offline
+    wandb_project: str = ""  # '' = $WANDB_PROJECT, else the study's directory name (or "ecdit" for a lone run)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "val_timesteps", "keep_checkpoints"):
@@ -314,6 +321,12 @@ class TrainConfig:
                  "must be >= 0 (0 = experts are exact copies)")
         _require(self.init_noise == 0 or bool(self.init_from), "train.init_noise", self.init_noise,
                  "needs train.init_from (the noise perturbs experts copied from that run)")
+        _require(isinstance(self.tracker, list) and all(t in TRACKERS for t in self.tracker), "train.tracker",
+                 self.tracker, f"allowed: a list of {', '.join(TRACKERS)}")
+        # JSONL is the source of truth (resume, collect and status read it): always first, never twice.
+        self.tracker = ["jsonl", *dict.fromkeys(t for t in self.tracker if t != "jsonl")]
+        _require(self.wandb_mode in WANDB_MODES, "train.wandb_mode", self.wandb_mode,
+                 "allowed: '' ($WANDB_MODE, else offline), " + ", ".join(WANDB_MODES[1:]))
 
 
 @dataclass

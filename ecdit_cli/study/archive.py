@@ -30,7 +30,8 @@ RECORD_FILES = (rundir.CONFIG, rundir.METRICS, rundir.SUMMARY, rundir.EVAL)
 REQUIRED_FILES = (rundir.CONFIG, rundir.METRICS, rundir.SUMMARY)
 # Keys that say how a run was executed, not what it trained: an archived record made with other
 # values is the same experiment.
-EXECUTION_KEYS = {"name", "train.threads", "train.device", "train.compile", "data.prefetch"}
+EXECUTION_KEYS = {"name", "train.threads", "train.device", "train.compile", "data.prefetch", "train.tracker",
+                  "train.wandb_mode", "train.wandb_project"}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from ecdit_cli import __version__
+from ecdit_cli import __version__, rundir
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import atomic_write_text
 from ecdit_cli.numbers import sig
@@ -395,12 +395,28 @@ def _document(data: CollectResult, an: Analysis, figures: dict[str, Path]) -> li
             ("h3", "Compute-optimal allocation implied by the fit"),
             ("table", opts) if opts[1] else ("p", "No series has a fit with alpha, beta > 0."),
         ]
+    doc += _tracking_section(data)
     doc += [
         ("h2", "Per-run final numbers"),
         ("p", "For runs that are not done, the loss columns hold the latest logged values."),
         ("table", _runs_table(data)),
     ]
     return doc
+
+
+def _tracking_section(data: CollectResult) -> list[tuple[str, Any]]:
+    """Links to the runs' TensorBoard log directories (`train.tracker` with tensorboard), where they exist."""
+    from ecdit_cli.train.trackers import TB_DIR
+
+    root = data.study_dir
+    logs = [(str(rid), root / rundir.RUNS / str(rid) / TB_DIR) for rid in data.runs["run_id"]]
+    logs = [(rid, d) for rid, d in logs if d.is_dir()]
+    if not logs:
+        return []
+    return [("h2", "Live tracking"),
+            ("p", f"TensorBoard logs of {len(logs)} run(s); all of them side by side: "
+                  f"tensorboard --logdir {root / rundir.RUNS}"),
+            ("links", logs)]
 
 
 def _gap_sections(data: CollectResult, an: Analysis) -> list[tuple[str, Any]]:
@@ -454,6 +470,8 @@ def render_markdown(doc: list[tuple[str, Any]], root: Path) -> str:
             out.append("\n".join(f"- {item}" for item in body))
         elif kind == "img":
             out.append(f"![{body.stem}]({body.relative_to(root).as_posix()})")
+        elif kind == "links":
+            out.append("\n".join(f"- [{label}]({path.relative_to(root).as_posix()}/)" for label, path in body))
         elif kind == "table":
             out.append(_md_table(body))
     return "\n\n".join(out) + "\n"
@@ -473,7 +491,7 @@ li { margin: .15em 0; }
 """
 
 
-def render_html(doc: list[tuple[str, Any]], title: str) -> str:
+def render_html(doc: list[tuple[str, Any]], title: str, root: Path | None = None) -> str:
     out = []
     for kind, body in doc:
         if kind in ("h1", "h2", "h3"):
@@ -487,6 +505,10 @@ def render_html(doc: list[tuple[str, Any]], title: str) -> str:
             out.append(f'<img alt="{html.escape(body.stem)}" src="data:image/png;base64,{data}">')
         elif kind == "table":
             out.append(_html_table(body))
+        elif kind == "links":  # relative to the page, which lies in the study directory
+            out.append("<ul>" + "".join(
+                f'<li><a href="{html.escape(path.relative_to(root).as_posix() if root else path.as_posix())}/">'
+                f"{html.escape(label)}</a></li>" for label, path in body) + "</ul>")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
@@ -522,5 +544,5 @@ def write_report(
     doc = _document(data, an, pngs)
     md, page = root / "report.md", root / "report.html"
     atomic_write_text(md, render_markdown(doc, root))
-    atomic_write_text(page, render_html(doc, f"ecdit report: {_study_name(root)}"))
+    atomic_write_text(page, render_html(doc, f"ecdit report: {_study_name(root)}", root))
     return ReportFiles(md, page, written, data, an)

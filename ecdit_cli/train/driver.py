@@ -98,13 +98,17 @@ def train_one(cfg: RunConfig, run_dir: Path, nproc: int = 1, hostfile: str | Pat
     save_config(cfg, run_dir / rundir.CONFIG)
     cmd = launch_command(run_dir, nproc, str(hostfile) if hostfile else None, launcher,
                          master_port=free_port(), worker_args=["--quiet"] if quiet else None)
-    code = run_launched(cmd)
+    return launched_outcome(cfg, run_dir, run_launched(cmd))
+
+
+def launched_outcome(cfg: RunConfig, run_dir: Path, code: int, mark_failed: bool = True) -> RunOutcome:
+    """The outcome of a launched run from its launcher's exit code (and its summary)."""
     if code == 0:
         return RunOutcome("done")
     if code == 130 or rundir.run_status(run_dir) == "interrupted":
         return RunOutcome("interrupted", f"training of {run_dir} was interrupted")
     message = f"launcher exited with code {code} (see the output above)"
-    if rundir.run_status(run_dir) != "failed":
+    if mark_failed and rundir.run_status(run_dir) != "failed":
         write_failed(run_dir, cfg, message)
     if code == 2:
         raise EcditError(f"training of {run_dir} stopped on bad input (see the message above)")

@@ -29,7 +29,7 @@ import torch
 from ecdit_cli import __version__, rundir
 from ecdit_cli.config import RunConfig, save_config
 from ecdit_cli.errors import EcditError
-from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, rewrite_jsonl
+from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, read_jsonl, rewrite_jsonl
 from ecdit_cli.lock import RunLock
 from ecdit_cli.model.accounting import count
 from ecdit_cli.train import checkpoint
@@ -54,6 +54,8 @@ from ecdit_cli.train.step import (
     optimizer_step,
     zero_grads,
 )
+from ecdit_cli.train.trackers import close_all, open_trackers
+from ecdit_cli.train.trackers import require as require_trackers
 from ecdit_cli.train.validation import activation_dtype, validate
 from ecdit_cli.train.weights import EMA, save_final_weights
 
@@ -68,6 +70,7 @@ def train(cfg: RunConfig, run_dir: str | Path, callbacks: Callbacks | None = Non
     if run.main:
         check_resume_compatible(cfg, run.run_dir)
         check_init_source(cfg, run.run_dir)
+        require_trackers(cfg.train.tracker)
         run.lock.acquire()
     try:
         run.open_log()
@@ -118,6 +121,7 @@ class _Run:
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}
         self.restored = None
+        self.trackers: list = []  # mirrors of metrics.jsonl (train.tracker), rank 0 only
 
     # ---- setup
 
@@ -210,6 +214,9 @@ class _Run:
         dropped = rewrite_jsonl(self.run_dir / rundir.METRICS, lambda r: restored and int(r.get("step", 0)) <= start)
         if restored:
             self.log(f"resumed from step {start}" + (f" (dropped {dropped} later metric lines)" if dropped else ""))
+        kept = list(read_jsonl(self.run_dir / rundir.METRICS, warnings=[]))
+        self.trackers = open_trackers(self.cfg, self.run_dir, self.cfg.name or self.run_dir.name,
+                                      start if restored else None, kept)
         prev = rundir.read_summary(self.run_dir) if (self.run_dir / rundir.SUMMARY).exists() else None
         if prev and restored:
             self.last_train = {"train_loss": prev.get("final_train_loss")}
@@ -261,7 +268,9 @@ class _Run:
         rec = {"kind": kind, "step": self.step_done, "images_seen": self.images_seen,
                "flops": self.acc.train_flops(self.images_seen), **values}
         if self.main:
-            append_jsonl(self.run_dir / rundir.METRICS, rec)
+            append_jsonl(self.run_dir / rundir.METRICS, rec)  # first: the source of truth
+            for tracker in self.trackers:
+                tracker.log(rec)
             self.cb.on_record(rec)
         return rec
 
@@ -412,6 +421,7 @@ class _Run:
     def close(self) -> None:
         if hasattr(getattr(self, "source", None), "close"):
             self.source.close()  # the prefetch worker
+        close_all(self.trackers)
         if self.log_file is not None:
             self.log_file.close()
         self.lock.release()
