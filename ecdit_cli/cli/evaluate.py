@@ -54,8 +54,9 @@ def _progress(console):
 def _flops_line(settings: dict) -> str:
     from ecdit_cli.numbers import si
 
-    f = settings.get("capacity_factor")
+    f, fs = settings.get("capacity_factor"), settings.get("capacity_factors")
     where = f" at capacity factor {f:g}" if f is not None else ""
+    where = f" at capacity factors {', '.join(f'{v:g}' for v in fs)} (per MoE layer)" if fs else where
     return f"activated forward FLOPs per image{where}: {si(settings['flops_per_image'])} per denoiser pass"
 
 
@@ -122,6 +123,7 @@ def eval_(
     from ecdit_cli.config import load_run_config
     from ecdit_cli.evaluate.eval_run import EXAMPLES_FILE, eval_paths, evaluate_run, format_fd, format_scores
     from ecdit_cli.files import to_json
+    from ecdit_cli.model.accounting import trained_capacity_factor
 
     console = _console()
     with _progress(console) as progress:
@@ -150,7 +152,8 @@ def eval_(
         for name, value in fd_rows:
             table.add_row(name, value)
     console.print(table)
-    trained = load_run_config(Path(run_dir) / rundir.CONFIG).moe.capacity_factor if rundir.is_run_dir(run_dir) else None
+    trained = trained_capacity_factor(load_run_config(Path(run_dir) / rundir.CONFIG)) if rundir.is_run_dir(run_dir) \
+        else None
     doc_path, folder = eval_paths(Path(run_dir), capacity_factor, trained)
     console.print(f"wrote {doc_path} and {folder}/ (examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
     console.print(_flops_line({**doc["settings"], "flops_per_image": doc["flops_per_image"]}))

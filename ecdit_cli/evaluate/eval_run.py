@@ -46,7 +46,7 @@ from ecdit_cli.evaluate import geneval
 from ecdit_cli.evaluate import sample as sampling
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text, npz_bytes, to_json
-from ecdit_cli.model.accounting import count, vocab_size
+from ecdit_cli.model.accounting import capacity_settings, count, trained_capacity_factor, vocab_size
 
 EVAL_DIR = "eval"
 PROMPTS_FILE = "prompts.jsonl"
@@ -145,7 +145,8 @@ def evaluate_run(
         raise EcditError(f"--per-tag must be >= 1, got {per_tag}")
     if rundir.is_run_dir(run_dir):
         check_scenes_run(load_run_config(run_dir / rundir.CONFIG))  # fail before loading weights
-    trained_f = load_run_config(run_dir / rundir.CONFIG).moe.capacity_factor if rundir.is_run_dir(run_dir) else None
+    trained_f = trained_capacity_factor(load_run_config(run_dir / rundir.CONFIG)) if rundir.is_run_dir(run_dir) \
+        else None
     model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor)
     check_scenes_run(cfg)
     per_tag_n = geneval.DEFAULT_PER_TAG if per_tag is None else int(per_tag)
@@ -162,8 +163,7 @@ def evaluate_run(
     extra: dict[str, Any] = {}
     if fd:
         extra = fd_scores(images, records, on_fd_progress)
-    if cfg.moe.routing == "expert_choice":
-        settings["capacity_factor"] = float(cfg.moe.capacity_factor)
+    settings.update(capacity_settings(cfg))
     write_eval_files(out, records, images, scores["images"])
     flops = count(cfg, vocab_size(cfg)).flops_per_image
     doc = eval_json(scores, settings, len(records), run_id=cfg.name or run_dir.name, wall_time_s=wall,

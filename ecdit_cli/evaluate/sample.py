@@ -224,7 +224,7 @@ def sample_run(run_dir: str | Path, prompts: Sequence[str], n: int = 4, cfg_scal
                device: str = "cpu", capacity_factor: float | None = None, **kwargs: Any) -> SampleResult:
     """Load a finished run (EMA weights by default; an expert-choice run at `capacity_factor`
     when given) and sample from it; settings name the run, its capacity and FLOPs per image."""
-    from ecdit_cli.model.accounting import count, vocab_size
+    from ecdit_cli.model.accounting import capacity_settings, count, vocab_size
     from ecdit_cli.model.load import load_run
 
     check_settings(n, cfg_scale, steps, seed, shift)
@@ -232,8 +232,7 @@ def sample_run(run_dir: str | Path, prompts: Sequence[str], n: int = 4, cfg_scal
     result = sample_images(model, cfg, prompts, n, cfg_scale, steps, seed, shift, **kwargs)
     result.settings.update(run_id=cfg.name or Path(run_dir).name, ema=bool(use_ema and cfg.train.ema_decay > 0),
                            flops_per_image=count(cfg, vocab_size(cfg)).flops_per_image)
-    if cfg.moe.routing == "expert_choice":
-        result.settings["capacity_factor"] = float(cfg.moe.capacity_factor)
+    result.settings.update(capacity_settings(cfg))
     return result
 
 

@@ -18,7 +18,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
 
     `capacity_factor` replaces an expert-choice run's trained f at inference: the router's
     weights do not depend on it (each expert still ranks the tokens by the same affinities and
-    keeps its C = G f / E best), so a user can trade compute for quality when sampling.
+    keeps its C = G f / E best), so a user can trade compute for quality when sampling. It
+    replaces a capacity schedule too: every MoE layer then runs at f.
     """
     run_dir = rundir.require_dir(run_dir, "run directory")
     if rundir.is_run_dir(run_dir):
@@ -40,6 +41,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
         if routing != "expert_choice":
             raise EcditError(f"--capacity-factor applies to expert-choice runs; {run_dir} is a {routing} run")
         data["moe"]["capacity_factor"] = float(capacity_factor)
+        data["moe"]["capacity_schedule"] = []
     data["moe"]["ep_size"] = 1
     data["moe"]["deepspeed_layer"] = False
     cfg = config_from_dict(data)
