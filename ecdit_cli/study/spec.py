@@ -227,7 +227,9 @@ def make_sweep(spec: StudySpec) -> list[SweepPoint]:
     for values in combos:
         routing = values["routing"]
         point_axes = {a: (v if _applies(a, routing) else None) for a, v in values.items()}
-        key = tuple(sorted((a, repr(v)) for a, v in point_axes.items()))
+        # Collapsed axes (None) do not count: an include that names an axis the grid lacks collapses
+        # onto the grid's point as well.
+        key = tuple(sorted((a, repr(v)) for a, v in point_axes.items() if v is not None))
         if key in seen:
             continue  # collapsed duplicate (e.g. dense x several expert counts)
         cfg = _point_config(spec, point_axes, where=_describe(point_axes))

@@ -6,8 +6,20 @@ import sys
 
 import torch
 
+# Routing variants by name: (routing, extra overrides). A plain routing name is itself.
+VARIANTS = {
+    "ec_shared": ("expert_choice", ["moe.shared_experts=1", "moe.shared_expert_width_mult=0.5",
+                                    "moe.capacity_factor=1.5"]),
+    "ec_fine": ("expert_choice", ["moe.num_experts=16", "moe.expert_width_mult=0.5", "moe.capacity_factor=4"]),
+    "ec_decoupled": ("expert_choice", ["moe.router_input=decoupled", "moe.renormalize_gates=true",
+                                       "moe.route_scale=2.5"]),
+    "ec_schedule": ("expert_choice", ["model.depth=4", "moe.capacity_schedule=[4,1]"]),
+    "ec_balanced": ("expert_choice", ["moe.routing_debug=balanced"]),
+    "tc_random": ("token_choice", ["moe.routing_debug=random", "moe.shared_experts=1"]),
+}
 
-def run(out: str, ep: int, routing: str, zero: int) -> None:
+
+def run(out: str, ep: int, name: str, zero: int) -> None:
     from ecdit_cli.config import resolve_config
     from ecdit_cli.data.scenes import vocabulary
     from ecdit_cli.model.rectified_flow import interpolate
@@ -15,9 +27,10 @@ def run(out: str, ep: int, routing: str, zero: int) -> None:
     from ecdit_cli.train.engine import build_engine, setup_distributed
     from ecdit_cli.train.weights import gather_experts
 
+    routing, extra = VARIANTS.get(name, (name, []))
     cfg = resolve_config(preset="debug", overrides=[f"moe.routing={routing}", f"moe.ep_size={ep}",
                                                     "train.batch_size=4", f"train.zero_stage={zero}",
-                                                    "train.grad_clip=0"])
+                                                    "train.grad_clip=0", *extra])
     dist = setup_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     model = TextToImage(cfg, vocabulary(), ep_rank=dist.rank % ep)
@@ -48,7 +61,7 @@ def run(out: str, ep: int, routing: str, zero: int) -> None:
 
 
 if __name__ == "__main__":
-    # ep_equivalence.py OUT_PREFIX EP ROUTING[,ROUTING...] [ZERO]: writes OUT_PREFIX-ROUTING.pt
+    # ep_equivalence.py OUT_PREFIX EP NAME[,NAME...] [ZERO]: writes OUT_PREFIX-NAME.pt (a routing or a VARIANTS name)
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     for routing in args[2].split(","):
         run(f"{args[0]}-{routing}.pt", int(args[1]), routing, int(args[3]) if len(args) > 3 else 0)
