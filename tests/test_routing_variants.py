@@ -523,3 +523,26 @@ def test_the_reference_studys_run_ids_are_unchanged():
     committed = pd.read_csv(root / "docs" / "reference" / "manifest.csv")["run_id"].tolist()
     assert [p.run_id for p in make_sweep(load_spec(root / "sweeps" / "reference.yaml"))] == committed
 
+
+
+def test_the_routing_variants_study_holds_every_variant_and_reuses_the_reference_baselines(tmp_path):
+    from pathlib import Path
+
+    from ecdit_cli.study.archive import _mismatch, archived_ids
+    from ecdit_cli.study.spec import load_spec, write_study
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "sweeps" / "routing-variants.yaml")
+    points = make_sweep(spec)
+    write_study(spec, points, tmp_path)
+    moe = [p.config.moe for p in points]
+    assert {m.routing for m in moe} == {"dense", "token_choice", "expert_choice"}
+    assert any(m.shared_experts for m in moe) and any(m.expert_width_mult < 1 for m in moe)
+    assert {m.router_input for m in moe} == {"hidden", "decoupled"} and any(m.capacity_schedule for m in moe)
+    assert {m.routing_debug for m in moe} == {"none", "random"}
+    assert {p.axes["size"] for p in points} == {"mini", "tiny"}
+    archive = root / "docs" / "reference" / "runs"
+    reused = [p.run_id for p in points if p.run_id in set(archived_ids(archive))]
+    assert len(reused) == 9  # dense, TC and EC at mini (seeds 0, 1) and tiny (seed 0)
+    for rid in reused:
+        assert _mismatch(archive / rid, tmp_path / "runs" / rid) is None, rid
