@@ -546,3 +546,50 @@ def test_the_routing_variants_study_holds_every_variant_and_reuses_the_reference
     assert len(reused) == 9  # dense, TC and EC at mini (seeds 0, 1) and tiny (seed 0)
     for rid in reused:
         assert _mismatch(archive / rid, tmp_path / "runs" / rid) is None, rid
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: a variant model trains, checkpoints, resumes exactly and loads for sampling
+
+
+@pytest.mark.parametrize("overrides", [
+    [EC, "model.depth=4", "moe.shared_experts=1", "moe.router_input=decoupled", "moe.capacity_schedule=[3, 1]",
+     "moe.renormalize_gates=true", "moe.route_scale=2.5", "moe.expert_width_mult=0.5"],
+    ["moe.routing=token_choice", "moe.routing_debug=random"],
+])
+def test_a_variant_run_resumes_to_the_metrics_of_an_uninterrupted_run_and_loads_for_sampling(overrides, tmp_path):
+    from ecdit_cli import rundir
+    from ecdit_cli.files import read_jsonl
+    from ecdit_cli.model.load import load_run
+    from ecdit_cli.train.loop import Callbacks, train
+
+    cfg = resolve_config(preset="debug", overrides=[*overrides, "train.steps=10", "train.batch_size=4",
+                                                    "data.val_size=8", "train.warmup_steps=2", "train.log_every=5",
+                                                    "train.val_every=10", "train.ckpt_every=5",
+                                                    "train.val_timesteps=2"])
+
+    def metrics(run_dir):
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "wall_time_s")}
+                for r in read_jsonl(run_dir / rundir.METRICS)]
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, info):
+        if step == 7:
+            raise Crash
+
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, tmp_path / "ref")
+        with pytest.raises(Crash):
+            train(cfg, tmp_path / "cut", Callbacks(on_step=crash))
+        assert train(cfg, tmp_path / "cut")["status"] == "done"  # resumes from step 5
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "ref")
+    model, loaded = load_run(tmp_path / "ref")
+    assert loaded.moe == cfg.moe
+    text, mask = model.tokenize(["a red circle"])
+    out = model(torch.zeros(1, 3, 32, 32), torch.tensor([0.5]), text, mask)
+    assert out.velocity.shape == (1, 3, 32, 32) and torch.isfinite(out.velocity).all()

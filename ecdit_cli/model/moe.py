@@ -383,6 +383,8 @@ class MoEFeedForward(DeepSpeedMoE):
                                  expert_offset=ep_rank * self.num_local_experts)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
         self.use_deepspeed_layer = use_deepspeed_layer or ep_size > 1
+        # Named so that no key contains "expert": DeepSpeed's checkpoint drops every key of an MoE layer
+        # that does (it saves those per expert), which would lose a data-parallel shared FFN.
         self.shared = FeedForward(hidden_size, shared_hidden) if shared_hidden > 0 else None
 
     @property
