@@ -37,7 +37,12 @@ def test_two_processes_with_expert_parallelism_give_the_loss_and_gradients_of_on
         assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
         assert one["grads"].keys() == two["grads"].keys()
         for name, g in one["grads"].items():
-            torch.testing.assert_close(two["grads"][name], g, atol=1e-5, rtol=1e-4, msg=f"{routing}: {name}")
+            # Tolerances relative to each tensor's scale: gradients of small models are small.
+            atol = 1e-5 * max(float(g.abs().max()), 1e-3)
+            torch.testing.assert_close(two["grads"][name], g, atol=atol, rtol=1e-4, msg=f"{routing}: {name}")
+        # Every FFN parameter takes part (experts, routers, shared FFNs), so the comparison tests them.
+        silent = [n for n, g in one["grads"].items() if ".mlp." in n and not g.abs().max() > 0]
+        assert not silent, f"{routing}: no gradient for {silent}"
     assert len(losses) == len(ROUTINGS.split(","))  # every variant changed the model it was compared on
 
 

@@ -3,6 +3,7 @@ batch through the DeepSpeed engine; rank 0 writes the loss and full gradients (e
 to OUT. Used by tests/test_deepspeed.py to compare ep_size=2 on 2 processes with 1 process."""
 
 import sys
+import zlib
 
 import torch
 
@@ -17,6 +18,20 @@ VARIANTS = {
     "ec_balanced": ("expert_choice", ["moe.routing_debug=balanced"]),
     "tc_random": ("token_choice", ["moe.routing_debug=random", "moe.shared_experts=1"]),
 }
+
+
+def perturb(model, ep: int, ep_rank: int, scale: float = 0.05) -> None:
+    """Move every parameter off its initialisation by noise that depends on its name only (an expert
+    tensor: on its global expert ids), so 1 and 2 processes hold the same model. At adaLN-Zero's
+    initialisation every block is the identity and only the final layer would get gradients."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            if getattr(p, "allreduce", True) is False:  # expert weights: (local experts, ...)
+                El = p.shape[0]
+                p.add_(torch.randn((El * ep, *p.shape[1:]), generator=g)[ep_rank * El:(ep_rank + 1) * El] * scale)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def run(out: str, ep: int, name: str, zero: int) -> None:
@@ -34,6 +49,7 @@ def run(out: str, ep: int, name: str, zero: int) -> None:
     dist = setup_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     model = TextToImage(cfg, vocabulary(), ep_rank=dist.rank % ep)
+    perturb(model, ep, dist.rank % ep)
     engine = build_engine(cfg, model, "fp32", dist.world_size)
     g = torch.Generator().manual_seed(123)
     x0 = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
