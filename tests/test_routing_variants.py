@@ -593,3 +593,7 @@ def test_a_variant_run_resumes_to_the_metrics_of_an_uninterrupted_run_and_loads_
     text, mask = model.tokenize(["a red circle"])
     out = model(torch.zeros(1, 3, 32, 32), torch.tensor([0.5]), text, mask)
     assert out.velocity.shape == (1, 3, 32, 32) and torch.isfinite(out.velocity).all()
+    if cfg.moe.capacity_schedule:  # --capacity-factor F replaces the schedule in every MoE layer
+        model, loaded = load_run(tmp_path / "ref", capacity_factor=1.0)
+        assert loaded.moe.capacity_schedule == [] and loaded.moe.capacity_factors(loaded.model.depth) == [1.0, 1.0]
+        assert {b.mlp.router.capacity_factor for b in model.dit.blocks if b.is_moe} == {1.0}
