@@ -63,15 +63,17 @@ def test_bench_moe_writes_json_and_a_markdown_table_for_every_variant(runner, tm
     assert out["kind"] == "moe" and {"cpu", "cores", "threads", "torch"} <= out["machine"].keys()
     variants = [r["variant"] for r in out["rows"]]
     assert variants == ["dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer", "ec_batch",
-                        "race_image", "race_batch"]
+                        "race_image", "race_batch", "ec_shared", "ec_fine", "ec_decoupled", "ec_balanced",
+                        "ec_random", "dense_pair", "ec_schedule"]
     for r in out["rows"]:
         assert {"fwd_ms", "fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio", "peak_mem_bytes", "mem_ratio"} <= r.keys()
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mem_bytes"] > 0
     assert out["rows"][0]["fwd_bwd_ratio"] == 1.0
+    assert [r["reference"] for r in out["rows"]] == ["dense"] * 16 + ["dense_pair"]
     assert [r["tokens"] for r in out["memory_sweep"]] == [8, 16, 8, 16]
     text = md.read_text()
     assert "| variant | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB | peak ratio |" in text
-    assert text.count("\n| ") >= 10 + 2 + 4 + 2  # 10 variants + headers, 4 sweep rows + headers
+    assert text.count("\n| ") >= 17 + 2 + 4 + 2  # 17 variants + headers, 4 sweep rows + headers
     assert "Machine:" in text
 
 
@@ -82,6 +84,16 @@ def test_bench_moe_variant_subset_always_keeps_the_dense_reference(runner):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["rows"]
     assert [r["variant"] for r in rows] == ["dense", "ec_image"] and rows[1]["peak_mem_bytes"] is None
+
+
+def test_bench_moe_adds_the_reference_a_variant_is_compared_with(runner):
+    res = runner.invoke(cli.app, ["bench", "moe", "--images", "1", "--tokens", "8", "--width", "8", "--experts",
+                                  "2", "--reps", "1", "--warmup", "0", "--variant", "ec_schedule", "--no-memory",
+                                  "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["variant"], r["reference"]) for r in rows] == [("dense", "dense"), ("dense_pair", "dense"),
+                                                              ("ec_schedule", "dense_pair")]
 
 
 def test_bench_step_reports_every_model_with_ratios_and_inference_overheads(runner, tmp_path):

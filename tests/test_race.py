@@ -384,8 +384,7 @@ def test_a_sweep_over_routing_groups_collapses_the_axis_for_dense_and_token_choi
     runs = pd.DataFrame([{"routing": p.axes["routing"], "routing_group": p.axes.get("routing_group")}
                          for p in points.values()])
     assert set(series_labels(runs, ["routing", "routing_group"])) == {
-        "dense", "token_choice", "expert_choice group=image", "expert_choice group=batch", "race group=image",
-        "race group=batch"}
+        "dense", "token_choice", "expert_choice", "expert_choice group=batch", "race", "race group=batch"}
 
 
 def test_a_study_with_race_points_trains_and_plots_race_statistics_in_its_own_colour(tmp_path):
@@ -403,7 +402,7 @@ def test_a_study_with_race_points_trains_and_plots_race_statistics_in_its_own_co
         except SystemExit as e:
             assert not e.code, args
     runs = (tmp_path / "r" / "runs.csv").read_text()
-    assert "debug-race-s0" in runs and "debug-dense-s0" in runs
+    assert "debug-race-batch-s0" in runs and "debug-dense-s0" in runs  # -batch even where the axis has one value
     assert (tmp_path / "r" / "plots" / "race_stats.png").is_file()
     assert "race_stats" in (tmp_path / "r" / "report.md").read_text()
     assert routing_color("race") not in {routing_color(r) for r in ("dense", "token_choice", "expert_choice")}

@@ -52,6 +52,15 @@ def test_upcycled_expert_choice_at_f_equal_to_e_is_the_dense_model_to_rounding(d
     torch.testing.assert_close(outputs(moe).velocity, outputs(dense).velocity, atol=2e-6, rtol=0)
 
 
+def test_upcycled_race_with_a_decoupled_router_and_a_schedule_at_f_equal_to_e_is_the_dense_model_to_rounding(
+        dense_run):
+    dense, _ = load_run(dense_run, use_ema=False)
+    moe, info = upcycled(dense_run, "moe.routing=race", "moe.router_input=decoupled", "moe.capacity_schedule=[8,8]")
+    assert info["init_kind"] == "upcycle" and not moe.dit.blocks[1].mlp.router.wg.weight.any()
+    assert moe.dit.blocks[1].mlp.router.wg.weight.shape[1] == 2 * moe.cfg.model.hidden_size
+    torch.testing.assert_close(outputs(moe).velocity, outputs(dense).velocity, atol=2e-6, rtol=0)
+
+
 def test_copied_experts_under_expert_choice_give_the_router_no_gradient_until_noise_breaks_the_symmetry(dense_run):
     def router_grad(noise):
         moe, _ = upcycled(dense_run, "moe.routing=expert_choice", f"train.init_noise={noise}")
@@ -101,6 +110,12 @@ def test_a_warm_start_from_an_moe_run_of_the_same_shape_copies_every_weight(ec_r
     (["moe.routing=expert_choice", "model.hidden_size=48"], "train.init_from: model.hidden_size 32 in {src}/config.yaml vs 48 here"),
     (["moe.routing=expert_choice", "model.depth=3"], "train.init_from: model.depth 2 in {src}/config.yaml vs 3 here"),
     (["moe.routing=dense", "moe.dense_width_mult=2"], "train.init_from: moe.dense_width_mult 1.0 in {src}/config.yaml vs 2.0 here"),
+    (["moe.routing=expert_choice", "moe.num_experts=16", "moe.expert_width_mult=0.5"],
+     "train.init_from: moe.expert_width_mult=0.5 cannot be upcycled from the dense run {src} (each expert copies "
+     "its FFN: keep 1.0)"),
+    (["moe.routing=race", "moe.shared_experts=1"],
+     "train.init_from: moe.shared_experts=1 cannot be upcycled from the dense run {src} (shared FFN + copied "
+     "experts would not start as the dense model: keep 0)"),
 ])
 def test_init_from_a_mismatched_run_is_one_line_naming_the_key(dense_run, tmp_path, overrides, message):
     cfg = resolve_config(preset="debug", overrides=[*TRAIN_OVERRIDES, *overrides, f"train.init_from={dense_run}"])
@@ -108,6 +123,14 @@ def test_init_from_a_mismatched_run_is_one_line_naming_the_key(dense_run, tmp_pa
         train(cfg, tmp_path / "run")
     assert str(err.value) == message.format(src=dense_run)
     assert not (tmp_path / "run" / rundir.CONFIG).exists()  # refused before the run directory is written
+
+
+def test_a_warm_start_needs_the_same_shared_and_expert_widths_and_router_input(ec_run):
+    for extra, message in ((["moe.shared_experts=1"], "moe.shared_experts 0 in"),
+                           (["moe.expert_width_mult=0.5"], "moe.expert_width_mult 1.0 in"),
+                           (["moe.router_input=decoupled"], "moe.router_input 'hidden' in")):
+        with pytest.raises(EcditError, match=message):
+            upcycled(ec_run, "moe.routing=expert_choice", *extra)
 
 
 def test_a_dense_run_cannot_start_from_an_moe_run(ec_run, tmp_path):

@@ -10,7 +10,12 @@ choice over pooled groups of several images, expert choice and race routing over
 batch (`routing_group: batch`), race per image, DeepSpeed's own TopKGate(k=2) in
 deepspeed.moe.layer.MoE (the external reference; one routing group of all tokens, its Experts
 container), and our EC and TC layers run through DeepSpeed's MOELayer (the path expert
-parallelism takes) instead of the local fast path.
+parallelism takes) instead of the local fast path. Then the routing variants (README "Routing
+variants"), each at the same activated FLOPs: a shared expert (f/2 routed slots + a shared FFN of
+hidden f/2 x 4D), fine-grained experts (2E experts of hidden 2D at 2f slots), the decoupled router
+input with renormalised gates x2.5 (its LayerNorm and concatenation timed with it), the balanced
+and random debug routers, and a capacity schedule, which needs two layers: [1.5f, 0.5f] over two
+stacked EC layers, timed against two stacked dense FFNs (`dense_pair`, its reference).
 
 Forward is timed without autograd (the inference cost); forward+backward with a fixed upstream
 gradient plus the auxiliary loss where the layer has one (weight 0.01), parameter gradients
@@ -24,13 +29,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecdit_cli.bench.timing import interleaved, load_average, machine_info, paired_ratio, peak_memory, summary
 from ecdit_cli.errors import EcditError
 
 VARIANTS = ("dense", "tc_top2", "ec_image", "ec_pooled", "ds_top2", "ec_dslayer", "tc_dslayer", "ec_batch",
-            "race_image", "race_batch")
+            "race_image", "race_batch", "ec_shared", "ec_fine", "ec_decoupled", "ec_balanced", "ec_random",
+            "dense_pair", "ec_schedule")
 VARIANT_LABELS = {
     "dense": "dense FFN, hidden f x 4D (reference)",
     "tc_top2": "token choice top-2 (ours, per image)",
@@ -42,7 +49,16 @@ VARIANT_LABELS = {
     "ec_batch": "expert choice over the whole batch (ours)",
     "race_image": "race f=2 per image (ours)",
     "race_batch": "race f=2 over the whole batch (ours)",
+    "ec_shared": "expert choice f/2 + shared expert f/2 x 4D",
+    "ec_fine": "expert choice fine-grained: 2E experts of 2D, 2f slots",
+    "ec_decoupled": "expert choice, decoupled router [LN(x), t], gates renormalised x2.5",
+    "ec_balanced": "expert choice, balanced debug routing",
+    "ec_random": "expert choice, fixed random routing",
+    "dense_pair": "two dense FFNs, hidden f x 4D (reference of the schedule)",
+    "ec_schedule": "two expert-choice layers, capacity schedule [1.5f, 0.5f] (ratios to dense_pair)",
 }
+# The row each variant's ratios are taken against (dense unless listed).
+REFERENCES = {"ec_schedule": "dense_pair"}
 AUX_WEIGHT = 0.01
 
 
@@ -89,22 +105,44 @@ class _DeepSpeedTop2(nn.Module):
 
 
 class _Ours(nn.Module):
-    """Our MoEFeedForward returning (y, aux loss or None)."""
+    """Our MoEFeedForward returning (y, aux loss or None). `variant`: MoEFeedForward keywords;
+    `expert_hidden` / `experts` replace 4D / the shape's expert count (fine-grained experts)."""
 
     def __init__(self, routing: str, shape: LayerShape, capacity_factor: float, group_size: int,
-                 deepspeed_layer: bool, routing_group: str = "image") -> None:
+                 deepspeed_layer: bool, routing_group: str = "image", expert_hidden: int | None = None,
+                 experts: int | None = None, **variant) -> None:
         super().__init__()
         from ecdit_cli.model.moe import MoEFeedForward
 
         D = shape.width
-        self.layer = MoEFeedForward(D, 4 * D, shape.experts, routing, capacity_factor, 2, group_size,
-                                    use_deepspeed_layer=deepspeed_layer, routing_group=routing_group,
-                                    tokens_per_image=shape.tokens_per_image)
+        self.layer = MoEFeedForward(D, expert_hidden or 4 * D, experts or shape.experts, routing, capacity_factor,
+                                    2, group_size, use_deepspeed_layer=deepspeed_layer, routing_group=routing_group,
+                                    tokens_per_image=shape.tokens_per_image, **variant)
         nn.init.normal_(self.layer.router.wg.weight, std=0.02)  # as DiT.initialize_weights
+        self.decoupled = variant.get("router_input_size") is not None
+        if self.decoupled:  # a fixed timestep embedding per image, as DiTBlock hands it over
+            self.register_buffer("c_BD", torch.randn(shape.images, D, generator=torch.Generator().manual_seed(1)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        y, r = self.layer(x)
+        r_in = None
+        if self.decoupled:
+            n = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+            r_in = torch.cat([n, self.c_BD.unsqueeze(1).expand_as(n)], dim=-1)
+        y, r = self.layer(x, r_in)
         return y, r.aux_loss
+
+
+class _Stack(nn.Module):
+    """Two layers one after the other (a capacity schedule needs two MoE layers to differ)."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        h, aux1 = self.first(x)
+        y, aux2 = self.second(h)
+        return y, aux1 if aux2 is None else aux2 if aux1 is None else aux1 + aux2
 
 
 class _Dense(nn.Module):
@@ -139,6 +177,21 @@ def build_layer(variant: str, shape: LayerShape, capacity_factor: float = 2.0, p
         return _Ours(routing, shape, capacity_factor, 0, False, "batch")
     if variant == "race_image":
         return _Ours("race", shape, capacity_factor, T, False)
+    f = capacity_factor
+    if variant == "ec_shared":
+        return _Ours("expert_choice", shape, f / 2, T, False, shared_hidden=int(round(f / 2 * 4 * D)))
+    if variant == "ec_fine":
+        return _Ours("expert_choice", shape, 2 * f, T, False, expert_hidden=2 * D, experts=2 * shape.experts)
+    if variant == "ec_decoupled":
+        return _Ours("expert_choice", shape, f, T, False, router_input_size=2 * D, renormalize_gates=True,
+                     route_scale=2.5)
+    if variant in ("ec_balanced", "ec_random"):
+        return _Ours("expert_choice", shape, f, T, False, routing_debug=variant[3:])
+    if variant == "dense_pair":
+        return _Stack(_Dense(D, int(round(f * 4 * D))), _Dense(D, int(round(f * 4 * D))))
+    if variant == "ec_schedule":
+        return _Stack(_Ours("expert_choice", shape, 1.5 * f, T, False),
+                      _Ours("expert_choice", shape, 0.5 * f, T, False))
     raise EcditError(f"variant {variant!r} is invalid: allowed: {', '.join(VARIANTS)}")
 
 
@@ -179,8 +232,11 @@ def bench_shape(shape: LayerShape, variants: list[str], reps: int, warmup: int, 
                 dtype: torch.dtype, capacity_factor: float = 2.0, pool_tokens: int = 1024,
                 memory: bool = True) -> list[dict]:
     """Rows (one per variant) of medians, ratios to dense and peak memory at one shape."""
-    if "dense" not in variants:
-        variants = ["dense", *variants]
+    variants = list(variants) if "dense" in variants else ["dense", *variants]
+    for v in list(variants):
+        ref = REFERENCES.get(v)
+        if ref and ref not in variants:
+            variants.insert(variants.index(v), ref)
     torch.manual_seed(0)
     modules = {v: build_layer(v, shape, capacity_factor, pool_tokens).to(device, dtype) for v in variants}
     x, grad = _input(shape, device, dtype)
@@ -197,10 +253,12 @@ def bench_shape(shape: LayerShape, variants: list[str], reps: int, warmup: int, 
             "fwd_bwd_ms": 1e3 * fb["median"], "fwd_bwd_iqr_ms": 1e3 * fb["iqr"], "reps": reps,
             "peak_mem_bytes": mem.get(v),
         })
-    ref = next(r for r in rows if r["variant"] == "dense")
+    by_variant = {r["variant"]: r for r in rows}
     for r in rows:
-        r["fwd_ratio"] = paired_ratio(fwd, r["variant"], "dense")
-        r["fwd_bwd_ratio"] = paired_ratio(fwd_bwd, r["variant"], "dense")
+        r["reference"] = name = REFERENCES.get(r["variant"], "dense")
+        ref = by_variant[name]
+        r["fwd_ratio"] = paired_ratio(fwd, r["variant"], name)
+        r["fwd_bwd_ratio"] = paired_ratio(fwd_bwd, r["variant"], name)
         r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if memory and ref["peak_mem_bytes"] else None
     return rows
 

@@ -43,7 +43,8 @@ def moe_markdown(res: dict[str, Any]) -> str:
            f"capacity factor f={s['capacity_factor']:g} (dense hidden width f x 4D); pooled groups of "
            f"{s['pool_tokens']} tokens; forward without autograd; fwd+bwd with a fixed upstream gradient "
            f"(+ {s['aux_loss_weight']:g} x aux loss where the layer has one); peak = memory allocated at the "
-           "peak of one fwd+bwd call above what existed before it.", ""]
+           "peak of one fwd+bwd call above what existed before it. A row whose label names another reference "
+           "(the capacity schedule: two stacked layers) has its ratios to that row.", ""]
     shapes: dict[tuple, list[dict]] = {}
     for r in res["rows"]:
         shapes.setdefault((r["images"], r["tokens_per_image"], r["width"], r["experts"]), []).append(r)

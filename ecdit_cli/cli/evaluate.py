@@ -65,8 +65,9 @@ def _progress(console):
 def _flops_line(settings: dict) -> str:
     from ecdit_cli.numbers import si
 
-    f = settings.get("capacity_factor")
+    f, fs = settings.get("capacity_factor"), settings.get("capacity_factors")
     where = f" at capacity factor {f:g}" if f is not None else ""
+    where = f" at capacity factors {', '.join(f'{v:g}' for v in fs)} (per MoE layer)" if fs else where
     if settings.get("race_mode"):
         where = f" (race, {settings['race_mode']}"
         slots = settings.get("slots_per_token")
@@ -141,6 +142,7 @@ def eval_(
     from ecdit_cli.config import load_run_config
     from ecdit_cli.evaluate.eval_run import EXAMPLES_FILE, eval_paths, evaluate_run, format_fd, format_scores
     from ecdit_cli.files import to_json
+    from ecdit_cli.model.accounting import trained_capacity_factor
 
     _check_race_mode(race_mode)
     console = _console()
@@ -170,9 +172,9 @@ def eval_(
         for name, value in fd_rows:
             table.add_row(name, value)
     console.print(table)
-    trained = load_run_config(Path(run_dir) / rundir.CONFIG).moe if rundir.is_run_dir(run_dir) else None
-    doc_path, folder = eval_paths(Path(run_dir), capacity_factor, trained and trained.capacity_factor, race_mode,
-                                  trained and trained.race_inference)
+    trained = load_run_config(Path(run_dir) / rundir.CONFIG) if rundir.is_run_dir(run_dir) else None
+    doc_path, folder = eval_paths(Path(run_dir), capacity_factor, trained and trained_capacity_factor(trained),
+                                  race_mode, trained and trained.moe.race_inference)
     console.print(f"wrote {doc_path} and {folder}/ (examples: {EXAMPLES_FILE}; {doc['wall_time_s']:.1f} s sampling)")
     console.print(_flops_line({**doc["settings"], "flops_per_image": doc["flops_per_image"]}))
 

@@ -22,6 +22,7 @@ from ecdit_cli.config.presets import PRESETS, preset_overrides
 from ecdit_cli.config.schema import (
     ROUTING_ABBREV,
     ROUTINGS,
+    VARIANT_DEFAULTS,
     DataConfig,
     ModelConfig,
     MoEConfig,
@@ -32,6 +33,6 @@ from ecdit_cli.config.schema import (
 
 __all__ = [
     "PRESETS", "ROUTINGS", "ROUTING_ABBREV", "DataConfig", "ModelConfig", "MoEConfig", "RunConfig", "TextConfig",
-    "TrainConfig", "config_changes", "config_from_dict", "deep_merge", "load_run_config", "load_yaml", "nest", "overrides_to_dict",
+    "TrainConfig", "VARIANT_DEFAULTS", "config_changes", "config_from_dict", "deep_merge", "load_run_config", "load_yaml", "nest", "overrides_to_dict",
     "parse_override", "preset_overrides", "resolve_config", "resolve_named_config", "save_config",
 ]

@@ -32,6 +32,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 + (did_you_mean(str(value), map(str, allowed)) if isinstance(value, str) else "")
             )
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list, e.g. [4, 2]")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:

@@ -23,6 +23,8 @@ from ecdit_cli.errors import ConfigError
 
 Routing = Literal["dense", "token_choice", "expert_choice", "race"]
 ROUTINGS: tuple[str, ...] = typing.get_args(Routing)
+RouterInput = Literal["hidden", "decoupled"]
+RoutingDebug = Literal["none", "balanced", "random"]
 # Short forms used in run ids and tables.
 ROUTING_ABBREV = {"dense": "dense", "token_choice": "tc", "expert_choice": "ec", "race": "race"}
 TRACKERS = ("jsonl", "tensorboard", "wandb", "csv")  # train.tracker: where metrics are written
@@ -91,6 +93,14 @@ class ModelConfig:
         return int(round(self.hidden_size * self.mlp_ratio))
 
 
+# Routing-variant keys and their defaults (today's layer): dense refuses any other value, the
+# sweep collapses them for dense, and run ids name a key only where it differs from this.
+VARIANT_DEFAULTS: dict[str, Any] = {
+    "shared_experts": 0, "shared_expert_width_mult": 1.0, "expert_width_mult": 1.0, "router_input": "hidden",
+    "route_scale": 1.0, "renormalize_gates": False, "capacity_schedule": [], "routing_debug": "none",
+}
+
+
 @dataclass
 class MoEConfig:
     """Which FFN each block uses, and how MoE blocks route (docs/paper.md, 'Expert-choice routing')."""
@@ -115,6 +125,17 @@ class MoEConfig:
     race_threshold_momentum: float = 0.99  # race: EMA momentum of each layer's learned inference threshold
     race_inference: Literal["threshold", "topk"] = "threshold"  # race in eval mode: learned threshold or top-k
     race_expert_cap: float = 0.0  # race: an expert's picks per group <= this x expert choice's C (0 = up to G)
+    # Routing variants (README "Routing variants"); each default keeps the paper's layer bit for bit.
+    shared_experts: int = 0  # always-on experts beside the routed ones (Nucleus-Image, DSMoE); 0 = none
+    shared_expert_width_mult: float = 1.0  # hidden of each shared expert, in units of model.mlp_hidden
+    expert_width_mult: float = 1.0  # hidden of each routed expert, in units of model.mlp_hidden (fine-grained < 1)
+    router_input: RouterInput = "hidden"  # hidden: the FFN input; decoupled: [LayerNorm(x), timestep embedding]
+    route_scale: float = 1.0  # combine weights are multiplied by this (Nucleus-Image: 2.5)
+    renormalize_gates: bool = False  # each token's combine weights over the slots it got sum to 1
+    capacity_schedule: list[float] = field(default_factory=list)  # [] = capacity_factor in every MoE layer;
+    # [early, late] = early in the first half of the MoE layers (the middle one of an odd count
+    # included), late in the rest; or one factor per MoE layer (race: its k = E x C per layer)
+    routing_debug: RoutingDebug = "none"  # balanced: round-robin slot tables; random: a fixed random one
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, "moe.routing", self.routing, f"allowed: {', '.join(ROUTINGS)}")
@@ -154,10 +175,40 @@ class MoEConfig:
                 self.ep_size,
                 f"must divide moe.num_experts={self.num_experts}",
             )
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        _require(self.shared_experts >= 0, "moe.shared_experts", self.shared_experts, "must be >= 0 (0 = none)")
+        for key in ("shared_expert_width_mult", "expert_width_mult", "route_scale"):
+            v = getattr(self, key)
+            _require(math.isfinite(v) and v > 0, f"moe.{key}", v, "must be > 0")
+        _require(self.router_input in typing.get_args(RouterInput), "moe.router_input", self.router_input,
+                 f"allowed: {', '.join(typing.get_args(RouterInput))}")
+        _require(self.routing_debug in typing.get_args(RoutingDebug), "moe.routing_debug", self.routing_debug,
+                 f"allowed: {', '.join(typing.get_args(RoutingDebug))}")
+        _require(isinstance(self.capacity_schedule, list), "moe.capacity_schedule", self.capacity_schedule,
+                 "must be a list of capacity factors ([] = moe.capacity_factor everywhere)")
+        for f in self.capacity_schedule:
+            _require(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0,
+                     "moe.capacity_schedule", self.capacity_schedule, "every factor must be a number > 0")
+        _require(self.shared_experts > 0 or self.shared_expert_width_mult == 1.0, "moe.shared_expert_width_mult",
+                 self.shared_expert_width_mult, "needs moe.shared_experts >= 1 (there is no shared expert to size)")
+        if self.routing == "dense":
+            for key, default in VARIANT_DEFAULTS.items():
+                _require(getattr(self, key) == default, f"moe.{key}", getattr(self, key),
+                         f"only applies to MoE routings, not moe.routing=dense (keep {default!r}; "
+                         "a dense FFN is sized by moe.dense_width_mult)")
+        _require(not (self.force_balanced and self.routing_debug != "none"), "moe.force_balanced",
+                 self.force_balanced, f"cannot be combined with moe.routing_debug={self.routing_debug}: pick one")
 
         self._check_race()
 
     def _check_race(self) -> None:
+        # Debug tables ignore the router's choice: for race they would be expert choice's table (the same
+        # E x C slots per group), and the inference threshold would never be learned.
+        _require(not (self.routing == "race" and self.routing_debug != "none"), "moe.routing_debug",
+                 self.routing_debug, "does not apply to moe.routing=race (its balanced/random table is expert "
+                 "choice's, same E x C slots): use moe.routing=expert_choice, or moe.routing_debug=none")
         _require(self.routing_group in ("image", "batch"), "moe.routing_group", self.routing_group,
                  "allowed: image, batch")
         if self.routing_group == "batch":
@@ -176,6 +227,21 @@ class MoEConfig:
     @property
     def is_moe(self) -> bool:
         return self.routing != "dense"
+
+    def capacity_factors(self, depth: int) -> list[float]:
+        """The capacity factor of each MoE layer, in block order (README "Routing variants").
+
+        [] gives `capacity_factor` everywhere; [early, late] gives `early` to MoE layers j with
+        j < n / 2 (the first half, the middle layer of an odd count included) and `late` to the
+        rest; a list of n factors gives one per MoE layer.
+        """
+        n = sum(self.is_moe_block(i) for i in range(depth))
+        sched = [float(f) for f in self.capacity_schedule]
+        if not sched:
+            return [self.capacity_factor] * n
+        if len(sched) == n:
+            return sched
+        return [sched[0] if j < n / 2 else sched[1] for j in range(n)]
 
     def is_moe_block(self, index: int) -> bool:
         """Whether block `index` (0-based) has an MoE FFN."""
@@ -377,6 +443,30 @@ class RunConfig:
             _require(not moe.is_moe or moe.ep_size == 1, "train.eval_every", self.train.eval_every,
                      f"samples on one process: it needs moe.ep_size=1 (got {moe.ep_size}); evaluate afterwards "
                      "with `ecdit eval`")
+        if moe.is_moe:
+            n_moe = sum(moe.is_moe_block(i) for i in range(m.depth))
+            _require(
+                len(moe.capacity_schedule) in (0, 2, n_moe),
+                "moe.capacity_schedule",
+                moe.capacity_schedule,
+                f"give [] (moe.capacity_factor everywhere), [early, late], or one factor per MoE layer "
+                f"({n_moe} here)",
+            )
+            for key, hidden in (("expert_width_mult", self.expert_hidden), ("shared_expert_width_mult",
+                                                                            self.shared_hidden)):
+                _require(hidden >= 1 or (key.startswith("shared") and not moe.shared_experts), f"moe.{key}",
+                         getattr(moe, key), f"gives a hidden width of {hidden} at model.mlp_hidden={m.mlp_hidden}")
+
+    @property
+    def expert_hidden(self) -> int:
+        """Hidden width of each routed expert (model.mlp_hidden x moe.expert_width_mult)."""
+        return int(round(self.model.mlp_hidden * self.moe.expert_width_mult))
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden width of the shared FFN of an MoE layer: all shared experts as one FFN (0 = none)."""
+        moe = self.moe
+        return int(round(self.model.mlp_hidden * moe.shared_expert_width_mult * moe.shared_experts))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

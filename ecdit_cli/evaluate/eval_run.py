@@ -49,6 +49,7 @@ from ecdit_cli.evaluate import geneval
 from ecdit_cli.evaluate import sample as sampling
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, atomic_write_json, atomic_write_text, npz_bytes, to_json
+from ecdit_cli.model.accounting import trained_capacity_factor
 
 EVAL_DIR = "eval"
 PROMPTS_FILE = "prompts.jsonl"
@@ -150,13 +151,13 @@ def evaluate_run(
         raise EcditError(f"--per-tag must be >= 1, got {per_tag}")
     if rundir.is_run_dir(run_dir):
         check_scenes_run(load_run_config(run_dir / rundir.CONFIG))  # fail before loading weights
-    trained = load_run_config(run_dir / rundir.CONFIG).moe if rundir.is_run_dir(run_dir) else None
+    trained = load_run_config(run_dir / rundir.CONFIG) if rundir.is_run_dir(run_dir) else None
     model, cfg = load_run(run_dir, use_ema=use_ema, device=device, capacity_factor=capacity_factor,
                           race_mode=race_mode)
     check_scenes_run(cfg)
     per_tag_n = geneval.DEFAULT_PER_TAG if per_tag is None else int(per_tag)
-    doc_path, out = eval_paths(run_dir, capacity_factor, trained and trained.capacity_factor, race_mode,
-                               trained and trained.race_inference)
+    doc_path, out = eval_paths(run_dir, capacity_factor, trained and trained_capacity_factor(trained), race_mode,
+                               trained and trained.moe.race_inference)
     records = geneval.make_prompt_set(PROMPT_SET_SEED, per_tag_n)
     geneval.write_prompts(out / PROMPTS_FILE, records)
     t0 = time.time()

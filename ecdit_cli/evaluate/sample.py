@@ -283,13 +283,12 @@ def measure_slots(model):
 def routing_settings(cfg, meter: SlotMeter | None = None) -> dict[str, Any]:
     """What a sample or eval records about its routing and compute: the capacity an expert-choice
     run sampled at; for race, the inference mode and the measured experts per token, with the
-    activated forward FLOPs per image that follow from them (`flops_per_image`)."""
-    from ecdit_cli.model.accounting import count, flops_at_slots, vocab_size
+    activated forward FLOPs per image that follow from them (`flops_per_image`). Under a capacity
+    schedule an expert-choice run records its per-layer `capacity_factors` instead."""
+    from ecdit_cli.model.accounting import capacity_settings, count, flops_at_slots, vocab_size
 
     acc = count(cfg, vocab_size(cfg))
-    out: dict[str, Any] = {"flops_per_image": acc.flops_per_image}
-    if cfg.moe.routing == "expert_choice":
-        out["capacity_factor"] = float(cfg.moe.capacity_factor)
+    out: dict[str, Any] = {"flops_per_image": acc.flops_per_image, **capacity_settings(cfg)}
     if cfg.moe.routing == "race":
         out["race_mode"] = cfg.moe.race_inference
         measured = meter.slots_per_token if meter is not None else None

@@ -8,19 +8,22 @@ laptop.
   projection, all experts). The text encoder is counted separately (`params_text`): the
   paper's encoder is frozen and outside the DiT.
 - params_active: the parameters one image token's forward uses on average. An MoE layer
-  contributes its router plus `a` experts, where a = E * C / G is the number of expert slots
-  per token (expert choice and race: the capacity factor f, after rounding C; token choice:
-  min(k, that), since routes beyond the slot budget are dropped).
+  contributes its router, its shared FFN (if any) and `a` experts, where a = E * C / G is the
+  number of expert slots per token (expert choice and race: the capacity factor f, after
+  rounding C; token choice: min(k, that), since routes beyond the slot budget are dropped).
+  With a capacity schedule each MoE layer has its own f, hence its own a.
 - flops_per_image: forward FLOPs (2 per multiply-add) of matmuls and attention for one image
   at `text.max_len` text tokens: patch embedding, timestep MLP, caption projection, self- and
-  cross-attention (projections, scores and weighted sums), adaLN, FFN or routed experts, the
-  router, the final layer. Element-wise ops (norms, softmax, GeLU) are left out.
+  cross-attention (projections, scores and weighted sums), adaLN, FFN or routed experts (at
+  their own hidden width, `moe.expert_width_mult`), the shared FFN, the router (reading D
+  features, or 2D when decoupled), the final layer. Element-wise ops (norms, softmax, GeLU) are left out.
 - Training FLOPs = 3 x forward (backward costs two forwards) x images seen.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ecdit_cli.config import RunConfig
 from ecdit_cli.model.routing import expert_capacity
@@ -60,17 +63,48 @@ def text_encoder_params(cfg: RunConfig, vocab_size: int | None) -> int:
     return (vocab_size or 0) * W + t.max_len * W + t.depth * layer + 2 * W
 
 
-def expert_slots_per_token(cfg: RunConfig) -> float:
-    """Expert FFNs one token gets on average in an MoE layer (E * C / G)."""
+def layer_slots_per_token(cfg: RunConfig) -> list[float]:
+    """Expert FFNs one token gets on average in each MoE layer (E * C / G at that layer's f)."""
     moe, m = cfg.moe, cfg.model
     if not moe.is_moe:
-        return 0.0
+        return []
     G = moe.group_size or m.tokens_per_image
-    slots = moe.num_experts * expert_capacity(G, moe.capacity_factor, moe.num_experts) / G
-    # Race keeps E * C picks per group, expert choice's budget: the same slots on average. Batch
-    # groups are counted per image (G = T), the groups inference routes with; training's groups
-    # of a micro-batch differ only by the rounding of C.
-    return slots if moe.routing in ("expert_choice", "race") else min(float(moe.top_k), slots)
+    out = []
+    for f in moe.capacity_factors(m.depth):
+        slots = moe.num_experts * expert_capacity(G, f, moe.num_experts) / G
+        # Race keeps E * C picks per group, expert choice's budget: the same slots on average. Batch
+        # groups are counted per image (G = T), the groups inference routes with; training's groups
+        # of a micro-batch differ only by the rounding of C.
+        out.append(slots if moe.routing in ("expert_choice", "race") else min(float(moe.top_k), slots))
+    return out
+
+
+def expert_slots_per_token(cfg: RunConfig) -> float:
+    """Expert FFNs one token gets on average in an MoE layer (E * C / G), averaged over the MoE
+    layers when a capacity schedule gives them different factors."""
+    per_layer = layer_slots_per_token(cfg)
+    if not per_layer:
+        return 0.0
+    if len(set(per_layer)) == 1:
+        return per_layer[0]
+    return sum(per_layer) / len(per_layer)
+
+
+def trained_capacity_factor(cfg: RunConfig) -> float | None:
+    """The one capacity factor every MoE layer of `cfg` runs at, or None under a capacity
+    schedule (then `--capacity-factor F` is never "the trained one")."""
+    return None if cfg.moe.capacity_schedule else cfg.moe.capacity_factor
+
+
+def capacity_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What an expert-choice sample or eval records about its capacity: `capacity_factor`, or
+    the per-layer `capacity_factors` under a capacity schedule; nothing for other routings."""
+    moe = cfg.moe
+    if moe.routing != "expert_choice":
+        return {}
+    if moe.capacity_schedule:
+        return {"capacity_factors": moe.capacity_factors(cfg.model.depth)}
+    return {"capacity_factor": float(moe.capacity_factor)}
 
 
 def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
@@ -80,7 +114,10 @@ def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
     kv = 2 * m.num_kv_heads * m.head_dim
     Fh = m.mlp_hidden
     F_dense = Fh if moe.is_moe else int(round(Fh * moe.dense_width_mult))
+    Fe, Fs = cfg.expert_hidden, cfg.shared_hidden if moe.is_moe else 0
+    R = 2 * D if moe.is_moe and moe.router_input == "decoupled" else D
     E = moe.num_experts
+    slots = layer_slots_per_token(cfg)
     a = expert_slots_per_token(cfg)
 
     P: dict[str, int] = {}
@@ -93,14 +130,18 @@ def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
     P["self_attention"] = m.depth * attn
     P["cross_attention"] = m.depth * (attn + 2 * D)  # + norm_cross affine
     P["adaln"] = m.depth * _linear(D, 6 * D)
-    expert = _linear(D, Fh) + _linear(Fh, D)
+    expert = _linear(D, Fe) + _linear(Fe, D)
     n_moe = sum(moe.is_moe_block(i) for i in range(m.depth))
     P["ffn_dense"] = (m.depth - n_moe) * (_linear(D, F_dense) + _linear(F_dense, D))
     P["experts"] = n_moe * E * expert
-    P["routers"] = n_moe * D * E
+    if Fs:  # only when present, so the breakdown of a config without one is unchanged
+        P["shared_experts"] = n_moe * (_linear(D, Fs) + _linear(Fs, D))
+    P["routers"] = n_moe * R * E
     P["final_layer"] = _linear(D, 2 * D) + _linear(D, p2c)
     total = sum(P.values())
-    active = total - P["experts"] + n_moe * a * expert
+    # One factor everywhere: n * a, the form (and float rounding) used before capacity schedules.
+    uniform = len(set(slots)) <= 1
+    active = total - P["experts"] + (n_moe * a * expert if uniform else sum(slots) * expert)
 
     Fl: dict[str, float] = {}
     Fl["embedders"] = 2.0 * (T * p2c * D + FREQ_EMBED * D + D * D + L * (W * D + D * D))
@@ -109,8 +150,11 @@ def count(cfg: RunConfig, vocab_size: int | None = None) -> Accounting:
     Fl["cross_attention"] = m.depth * 2.0 * (T * D * D + L * D * kv + T * D * D + 2 * T * L * D)
     Fl["adaln"] = m.depth * 2.0 * D * 6 * D + 2.0 * D * 2 * D
     Fl["ffn_dense"] = (m.depth - n_moe) * 2.0 * T * 2 * D * F_dense
-    Fl["experts"] = n_moe * 2.0 * T * a * 2 * D * Fh
-    Fl["routers"] = n_moe * 2.0 * T * D * E
+    Fl["experts"] = (n_moe * 2.0 * T * a * 2 * D * Fe if uniform
+                     else sum(2.0 * T * a_j * 2 * D * Fe for a_j in slots))
+    if Fs:
+        Fl["shared_experts"] = n_moe * 2.0 * T * 2 * D * Fs
+    Fl["routers"] = n_moe * 2.0 * T * R * E
     Fl["final_layer"] = 2.0 * T * D * p2c
     return Accounting(
         params_total=total,

@@ -151,13 +151,18 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(D, m.num_heads, m.num_kv_heads, cross=True)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.is_moe = moe.is_moe_block(index)
+        self.decoupled_router = self.is_moe and moe.router_input == "decoupled"
         if self.is_moe:
+            # This block's place among the MoE blocks picks its capacity factor (moe.capacity_schedule).
+            moe_index = sum(moe.is_moe_block(i) for i in range(index))
             self.mlp = MoEFeedForward(
-                D, m.mlp_hidden, moe.num_experts, moe.routing, moe.capacity_factor, moe.top_k,
-                0 if moe.routing_group == "batch" else moe.group_size or m.tokens_per_image,
-                moe.normalize_top_k, moe.ep_size,
-                moe.deepspeed_layer, moe.force_balanced, ep_rank,
+                D, cfg.expert_hidden, moe.num_experts, moe.routing, moe.capacity_factors(m.depth)[moe_index],
+                moe.top_k, 0 if moe.routing_group == "batch" else moe.group_size or m.tokens_per_image,
+                moe.normalize_top_k, moe.ep_size, moe.deepspeed_layer, moe.force_balanced, ep_rank,
                 **race_kwargs(cfg),
+                shared_hidden=cfg.shared_hidden, router_input_size=2 * D if self.decoupled_router else None,
+                route_scale=moe.route_scale, renormalize_gates=moe.renormalize_gates,
+                routing_debug=moe.routing_debug, debug_seed=hash_seed(cfg.train.seed, index, 1),
             )
         else:
             hidden = m.mlp_hidden if moe.is_moe else int(round(m.mlp_hidden * moe.dense_width_mult))
@@ -168,10 +173,16 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.cross_attn(self.norm_cross(x), text, mask)
-        # The router sees the token after self- and cross-attention (its FFN input).
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        # The router sees the token after self- and cross-attention (its FFN input) ...
+        n = self.norm2(x)
+        h = modulate(n, shift_mlp, scale_mlp)
         routing = None
-        if self.is_moe:
+        if self.decoupled_router:
+            # ... or, decoupled (Nucleus-Image), the un-modulated LayerNorm of the token beside the
+            # timestep embedding: adaLN's timestep-dependent scale no longer sets the logits' size,
+            # and the noise level reaches the router directly rather than through that scale.
+            h, routing = self.mlp(h, torch.cat([n, c.unsqueeze(1).expand_as(n)], dim=-1))
+        elif self.is_moe:
             h, routing = self.mlp(h)
         else:
             h = self.mlp(h)

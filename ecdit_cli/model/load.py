@@ -40,7 +40,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
 
     `capacity_factor` replaces an expert-choice run's trained f at inference: the router's
     weights do not depend on it (each expert still ranks the tokens by the same affinities and
-    keeps its C = G f / E best), so a user can trade compute for quality when sampling.
+    keeps its C = G f / E best), so a user can trade compute for quality when sampling. It
+    replaces a capacity schedule too: every MoE layer then runs at f.
     `race_mode` (threshold or topk) replaces a race run's `moe.race_inference`.
     """
     from ecdit_cli.model.export import WEIGHTS, is_export_dir, read_export
@@ -63,6 +64,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
         if routing != "expert_choice":
             raise EcditError(f"--capacity-factor applies to expert-choice runs; {run_dir} is a {routing} run")
         data["moe"]["capacity_factor"] = float(capacity_factor)
+        data["moe"]["capacity_schedule"] = []  # F replaces a capacity schedule too: every layer runs at F
     if race_mode is not None:
         routing = data["moe"].get("routing")
         if routing != "race":

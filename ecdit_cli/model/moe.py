@@ -9,8 +9,14 @@ parameters through a local path (`dispatch_combine`: a gather, batched matmuls, 
 sum that is one CSR sparse matmul on the CPU and `index_add_` elsewhere); tests prove both
 paths give the same outputs and gradients.
 
-Shape legend: B images, T tokens per image, S = B*T tokens, D width, F expert hidden width,
-E experts (El local ones), C slots per expert, K routes per token.
+Routing variants (README "Routing variants") live here too: a shared FFN that every token
+passes through beside the routed experts (an ordinary data-parallel module, outside DeepSpeed's
+MOELayer, so expert parallelism is untouched), a router that reads its own input (Nucleus-Image's
+decoupled [LayerNorm(x), timestep embedding]) instead of the FFN input, gate scaling, and the
+debug routers; each is off by default and then leaves the layer bit for bit as it was.
+
+Shape legend: B images, T tokens per image, S = B*T tokens, D width, R router input width,
+F expert hidden width, E experts (El local ones), C slots per expert, K routes per token.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from torch.autograd.function import once_differentiable
 from ecdit_cli import deepspeed_compat
 from ecdit_cli.model.routing import (
     RoutingResult,
+    debug_routing,
     expert_choice,
     pad_capacity,
     race,
+    scale_gates,
     slots_to_routes,
     token_choice,
 )
@@ -134,14 +142,21 @@ class Router(nn.Module):
     use_tutel)` returns (l_aux, capacity, E, indices[K,S], locations[K,S], gates[K,S],
     exp_counts). The full `RoutingResult` of the last call is kept in `self.last` for the MoE
     layer to return to the model (stats and unweighted auxiliary losses).
+
+    `input_size` is the width R of what the router reads: the FFN input (R = D) by default, or
+    a separate router input (decoupled: R = 2D) that the MoE layer hands over in `pending_input`
+    before DeepSpeed's MOELayer calls the gate with the FFN input alone (its contract has no
+    slot for a second input, and `used_token` means something else).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, routing: str, capacity_factor: float,
                  top_k: int, group_size: int, normalize_top_k: bool, force_balanced: bool = False,
                  routing_group: str = "image", tokens_per_image: int = 0, race_momentum: float = 0.99,
-                 race_inference: str = "threshold", race_expert_cap: float = 0.0) -> None:
+                 race_inference: str = "threshold", race_expert_cap: float = 0.0, *,
+                 input_size: int | None = None, route_scale: float = 1.0, renormalize_gates: bool = False,
+                 routing_debug: str = "none", debug_seed: int = 0) -> None:
         super().__init__()
-        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        self.wg = nn.Linear(input_size or hidden_size, num_experts, bias=False)
         self.routing = routing
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
@@ -149,8 +164,13 @@ class Router(nn.Module):
         self.group_size = group_size  # tokens per routing group (one image unless pooled)
         self.normalize_top_k = normalize_top_k
         self.force_balanced = force_balanced
+        self.route_scale = route_scale
+        self.renormalize_gates = renormalize_gates
+        self.routing_debug = routing_debug
+        self.debug_seed = debug_seed  # fixes `random` debug tables (per layer, from the run's seed)
         self.ep_group = None
         self.last: RoutingResult | None = None
+        self.pending_input: Tensor | None = None  # (S, R) router input for the next gate call
         self._init_race(routing_group, tokens_per_image, race_momentum, race_inference, race_expert_cap)
 
     def _set_ep_group(self, ep_group) -> None:
@@ -164,19 +184,34 @@ class Router(nn.Module):
             logits_SE = torch.rand_like(logits_SE).detach()
         return logits_SE
 
-    def route(self, x_SD: Tensor) -> RoutingResult:
-        logits_SE = self.logits(x_SD)
-        if self.routing == "race":
-            return self._route_race(logits_SE)
-        if self.routing == "expert_choice":
-            return expert_choice(logits_SE, self.call_group_size(), self.capacity_factor)
-        return token_choice(logits_SE, self.group_size, self.capacity_factor, self.top_k, self.normalize_top_k)
+    def route(self, x_SR: Tensor) -> RoutingResult:
+        """Route the S rows of `x_SR`, the router's input (the FFN input unless decoupled).
+
+        Debug tables first (they ignore the router's choice), then the routing itself, then gate
+        scaling, which acts on whichever slot table came out (race's included)."""
+        logits_SE = self.logits(x_SR)
+        if self.routing_debug != "none":
+            # The config refuses debug tables with race; batch groups shrink to one image in eval.
+            r = debug_routing(logits_SE, self.routing_debug, self.routing, self.call_group_size(),
+                              self.capacity_factor, self.top_k, self.normalize_top_k, self.debug_seed)
+        elif self.routing == "race":
+            r = self._route_race(logits_SE)
+        elif self.routing == "expert_choice":
+            r = expert_choice(logits_SE, self.call_group_size(), self.capacity_factor)
+        else:
+            r = token_choice(logits_SE, self.group_size, self.capacity_factor, self.top_k, self.normalize_top_k)
+        return scale_gates(r, self.renormalize_gates, self.route_scale)
 
     def forward(self, x_SD: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
                 use_tutel: bool = False):
         if not sparse_routes or used_token is not None or use_tutel:
             raise RuntimeError("ecdit's router supports only DeepSpeed's sparse-route gate contract (>= 0.19.4)")
-        r = self.route(x_SD)
+        x_SR, self.pending_input = self.pending_input, None
+        if self.wg.in_features != x_SD.shape[1] and x_SR is None:
+            raise RuntimeError("this router reads a separate input: call its MoE layer with router_input")
+        if x_SR is not None and x_SR.shape[0] != x_SD.shape[0]:
+            raise RuntimeError(f"router input has {x_SR.shape[0]} rows for {x_SD.shape[0]} tokens")
+        r = self.route(x_SD if x_SR is None else x_SR)
         if self.routing == "race":
             r = pad_capacity(r, _max_over_group(r.capacity, self.ep_group))
         self.last = r
@@ -406,6 +441,12 @@ class MoEFeedForward(DeepSpeedMoE):
     slot) and set the attributes the engine and `set_deepspeed_parallelism` rely on
     (deepspeed >= 0.19.4, < 0.20): ep_size, expert_group_name, num_experts,
     num_local_experts, enable_expert_tensor_parallelism, use_residual, deepspeed_moe.
+
+    `mlp_hidden` is each routed expert's hidden width; `shared_hidden` > 0 adds a shared FFN of
+    that width (all shared experts as one FFN: a sum of FFNs on the same input is one FFN with
+    their hidden units side by side). Its parameters are ordinary data-parallel ones: it sits
+    beside `deepspeed_moe`, not inside it. `router_input_size` gives the router its own input
+    (forward's `router_input`); the remaining keywords are the Router's.
     """
 
     def __init__(self, hidden_size: int, mlp_hidden: int, num_experts: int, routing: str,
@@ -413,7 +454,9 @@ class MoEFeedForward(DeepSpeedMoE):
                  ep_size: int = 1, use_deepspeed_layer: bool = False, force_balanced: bool = False,
                  ep_rank: int = 0, routing_group: str = "image", tokens_per_image: int = 0,
                  race_momentum: float = 0.99, race_inference: str = "threshold",
-                 race_expert_cap: float = 0.0) -> None:
+                 race_expert_cap: float = 0.0, *, shared_hidden: int = 0, router_input_size: int | None = None,
+                 route_scale: float = 1.0, renormalize_gates: bool = False, routing_debug: str = "none",
+                 debug_seed: int = 0) -> None:
         nn.Module.__init__(self)
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
@@ -423,11 +466,15 @@ class MoEFeedForward(DeepSpeedMoE):
         self.num_local_experts = num_experts // ep_size
         gate = Router(hidden_size, num_experts, routing, capacity_factor, top_k, group_size, normalize_top_k,
                       force_balanced, routing_group, tokens_per_image or group_size, race_momentum, race_inference,
-                      race_expert_cap)
+                      race_expert_cap, input_size=router_input_size, route_scale=route_scale,
+                      renormalize_gates=renormalize_gates, routing_debug=routing_debug, debug_seed=debug_seed)
         experts = GroupedExperts(self.num_local_experts, hidden_size, mlp_hidden, self.expert_group_name,
                                  expert_offset=ep_rank * self.num_local_experts)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
         self.use_deepspeed_layer = use_deepspeed_layer or ep_size > 1
+        # Named so that no key contains "expert": DeepSpeed's checkpoint drops every key of an MoE layer
+        # that does (it saves those per expert), which would lose a data-parallel shared FFN.
+        self.shared = FeedForward(hidden_size, shared_hidden) if shared_hidden > 0 else None
 
     @property
     def router(self) -> Router:
@@ -437,14 +484,26 @@ class MoEFeedForward(DeepSpeedMoE):
     def experts(self) -> GroupedExperts:
         return self.deepspeed_moe.experts
 
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, RoutingResult]:  # type: ignore[override]
-        """x_BTD (B, T, D) -> (y_BTD, routing). Groups are consecutive tokens of the flattened batch."""
+    def forward(self, x_BTD: Tensor, router_input: Tensor | None = None  # type: ignore[override]
+                ) -> tuple[Tensor, RoutingResult]:
+        """x_BTD (B, T, D) -> (y_BTD, routing). Groups are consecutive tokens of the flattened batch.
+
+        `router_input` (B, T, R): what the router reads instead of x (decoupled routing)."""
         B, T, D = x_BTD.shape
+        x_SR = None if router_input is None else router_input.reshape(B * T, -1)
         if self.use_deepspeed_layer:
-            y = self.deepspeed_moe(x_BTD, None)
+            # MOELayer flattens x to (B*T, D) in the same order, so row s of x_SR is its token s.
+            self.router.pending_input = x_SR
+            try:
+                y = self.deepspeed_moe(x_BTD, None)
+            finally:
+                self.router.pending_input = None
             r = self.router.last
             self.router.last = None  # do not keep the graph alive past this step
-            return y, r
-        x_SD = x_BTD.reshape(B * T, D)
-        r = self.router.route(x_SD)
-        return dispatch_combine(x_SD, r, self.experts).view(B, T, D), r
+        else:
+            x_SD = x_BTD.reshape(B * T, D)
+            r = self.router.route(x_SD if x_SR is None else x_SR)
+            y = dispatch_combine(x_SD, r, self.experts).view(B, T, D)
+        if self.shared is not None:
+            y = y + self.shared(x_BTD)
+        return y, r

@@ -16,8 +16,14 @@ along the capacity axis (capacity = sum of the groups' C).
 Race routing (`race`, at the end of this file) picks (token, expert) pairs by one top-k per
 group, so its slot table's width is the busiest expert's count rather than a fixed capacity.
 
+Debug and baseline routers (`debug_routing`, `moe.routing_debug`) build the same slot table
+without looking at the router: `balanced` deals each group's slots round-robin over its tokens,
+`random` does the same after a fixed random shuffle of the token positions. Gate variants
+(`scale_gates`: per-token renormalisation, a route scale) act on any slot table's weights.
+
 Shape legend: S tokens (all groups, flattened), E experts, C slots per expert (all groups),
-N groups, G tokens per group, K routes per token (race: picks per group), R picks, D width.
+N groups, G tokens per group, K routes per token (race: picks per group), R picks, D width,
+J = E * C slots.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ecdit_cli.seeding import hash_seed
 
 
 def expert_capacity(group_tokens: int, capacity_factor: float, num_experts: int) -> int:
@@ -219,6 +227,106 @@ def token_choice(
         tokens_per_expert_E=tokens_per_expert_E,
         stats=stats,
     )
+
+
+def _debug_group_table(G: int, E: int, C: int, used: int, kind: str, seed: int, device) -> Tensor:
+    """(E, C) group-local token of each slot: expert e's slot c < `used` takes token
+    (e * used + c) mod G (after a fixed shuffle of the G positions for `random`); slots from
+    `used` on are unused (-1).
+
+    Dealing the slots of all experts in order around the group gives every expert exactly `used`
+    distinct tokens (used <= C <= G) and every token floor or ceil of E * used / G slots, the
+    most even spread the budget allows.
+    """
+    j_EC = torch.arange(E, device=device).view(E, 1) * used + torch.arange(C, device=device).view(1, C)
+    local_EC = j_EC % G
+    if kind == "random":
+        # One permutation per (layer seed, group length): fixed for the whole run, the same on every
+        # rank and after a resume, and independent of the batch (position-based, like hash routing).
+        gen = torch.Generator().manual_seed(hash_seed(seed, G))
+        local_EC = torch.randperm(G, generator=gen).to(device)[local_EC]
+    return torch.where(torch.arange(C, device=device).view(1, C) < used, local_EC, torch.full_like(local_EC, -1))
+
+
+def debug_routing(logits_SE: Tensor, kind: str, routing: str, group_size: int, capacity_factor: float,
+                  top_k: int = 1, normalize: bool = True, seed: int = 0) -> RoutingResult:
+    """Balanced or random slot tables that ignore the router (`moe.routing_debug`).
+
+    `balanced` (torchtitan's force_balanced, made deterministic): in every group each expert takes
+    exactly its capacity C = expert_capacity(G, f, E) of tokens, dealt round-robin; for token
+    choice an expert takes min(C, k G / E) tokens so that no token gets more than k routes.
+    `random` is the same table after a fixed random shuffle of the token positions (seeded by
+    `seed`): the same slot budget and the same experts per token, with the assignment learned
+    routing would choose replaced by chance.
+
+    Combine weights stay the router's affinities, P[s, e] = softmax(logits)[s, e] of the
+    assigned (token, expert) pairs (token choice: renormalised over the token's assigned experts
+    when `normalize`, as GShard's k gates): the router keeps its gradient and the outputs keep
+    the scale of the routing they replace, so the comparison isolates *which* tokens each
+    expert processes. Uniform weights would also change that scale (expert-choice affinities
+    are about 1/E). No auxiliary or z-loss: they would train the router towards an assignment
+    that is never used.
+    """
+    S, E = logits_SE.shape
+    g = group_size if group_size > 0 else S
+    probs_SE = torch.softmax(logits_SE.float(), dim=-1)
+    idx_parts = []
+    for start, length in _group_bounds(S, g):
+        G = min(g, length)
+        N = length // G
+        C = expert_capacity(G, capacity_factor, E)
+        used = C if routing == "expert_choice" else max(0, min(C, top_k * G // E))
+        local_EC = _debug_group_table(G, E, C, used, kind, seed, logits_SE.device)
+        offsets_N = torch.arange(start, start + length, G, device=logits_SE.device)
+        tok_ENC = local_EC.unsqueeze(1) + offsets_N.view(1, N, 1)
+        tok_ENC = torch.where(local_EC.unsqueeze(1) < 0, torch.full_like(tok_ENC, S), tok_ENC)
+        idx_parts.append(tok_ENC.reshape(E, N * C))
+    token_idx_EC = idx_parts[0] if len(idx_parts) == 1 else torch.cat(idx_parts, dim=1)
+    used_EC = token_idx_EC < S
+    expert_EC = torch.arange(E, device=logits_SE.device).view(E, 1).expand_as(token_idx_EC)
+    weight_EC = probs_SE[token_idx_EC.clamp(max=S - 1), expert_EC] * used_EC
+    r = RoutingResult(token_idx_EC=token_idx_EC, weight_EC=weight_EC, num_tokens=S)
+    if routing == "token_choice" and normalize:
+        r.weight_EC = _per_token_normalised(r)
+    counts_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S + 1)[:S]
+    r.experts_per_token_S = counts_S
+    r.tokens_per_expert_E = used_EC.sum(dim=1)
+    ept = counts_S.float()
+    if routing == "expert_choice":
+        std, mx, unrouted = torch.stack([ept.std(unbiased=False), ept.max(), (ept == 0).float().mean()]).tolist()
+        r.stats = {"ec_experts_per_token_mean": E * token_idx_EC.shape[1] / S, "ec_experts_per_token_std": std,
+                   "ec_experts_per_token_max": mx, "ec_unrouted_frac": unrouted}
+    else:
+        load_E = r.tokens_per_expert_E.float()
+        kept, imbalance = torch.stack([load_E.sum(), load_E.max() / load_E.mean().clamp_min(1e-9)]).tolist()
+        r.stats = {"tc_dropped_frac": 1.0 - kept / max(1, S * top_k), "tc_load_imbalance": imbalance}
+    return r
+
+
+def _per_token_normalised(r: RoutingResult) -> Tensor:
+    """weight_EC divided by the sum of its token's weights over all its slots (0 stays 0)."""
+    S = r.num_tokens
+    flat_J = r.token_idx_EC.reshape(-1)
+    w_J = r.weight_EC.reshape(-1)
+    # One segment sum over the slot table (the pad row S collects unused slots' zero weights).
+    sum_S = torch.zeros(S + 1, dtype=w_J.dtype, device=w_J.device).index_add(0, flat_J, w_J)
+    return (w_J / sum_S[flat_J].clamp_min(torch.finfo(w_J.dtype).tiny)).view_as(r.weight_EC)
+
+
+def scale_gates(r: RoutingResult, renormalize: bool, route_scale: float) -> RoutingResult:
+    """Nucleus-Image's gates: each token's combine weights renormalised to sum to 1 over the
+    experts that processed it (`renormalize`), then multiplied by `route_scale`.
+
+    Renormalising expert-choice affinities (about 1/E each) makes a token's routed output a
+    convex combination of its experts' outputs whatever E is; the route scale then sets its
+    size against the residual stream (Nucleus-Image: 2.5). A token no expert took keeps 0.
+    With the defaults (False, 1.0) the weights are returned untouched, bit for bit.
+    """
+    if renormalize:
+        r.weight_EC = _per_token_normalised(r)
+    if route_scale != 1.0:
+        r.weight_EC = r.weight_EC * route_scale
+    return r
 
 
 def slots_to_routes(r: RoutingResult) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,9 +23,15 @@ experts that start as exact copies stay copies. Expert choice needs `train.init_
 (e.g. 0.01) to specialise; token choice also breaks symmetry through its top-k ties and
 balancing loss, but only coarsely. The run logs a warning when the noise is 0.
 
+Upcycling refuses fine-grained experts (`moe.expert_width_mult` != 1: an expert narrower than
+the dense FFN cannot be its copy) and shared experts (`moe.shared_experts` > 0: a shared FFN beside
+copied experts would not start from the dense model's function). The decoupled router input, gate
+scaling, capacity schedules, debug routers, race and batch groups upcycle like any routing (the
+router starts at zero whatever it reads).
+
 From an MoE run of the same shape every weight is copied (a plain warm start; routing and
-capacity may differ). Config keys that decide a weight's shape must agree; the first that
-does not is named in one line.
+capacity may differ). Config keys that decide a weight's shape (including the expert and shared
+widths and the router input) must agree; the first that does not is named in one line.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from ecdit_cli.seeding import hash_seed
 KEY = "train.init_from"
 # Keys whose values fix the shapes of copied weights (all of model.* and text.* are compared).
 _SHAPE_SECTIONS = ("model.", "text.")
-_MOE_SHAPE_KEYS = ("moe.num_experts", "moe.moe_every", "moe.moe_first")
+_MOE_SHAPE_KEYS = ("moe.num_experts", "moe.moe_every", "moe.moe_first", "moe.expert_width_mult",
+                   "moe.shared_experts", "moe.shared_expert_width_mult", "moe.router_input")
 # A routed expert's (El, D, F) / (El, F, D) weights and where the dense FFN keeps them.
 _EXPERT_FROM_DENSE = {"w1": ("fc1.weight", True), "b1": ("fc1.bias", False),
                       "w2": ("fc2.weight", True), "b2": ("fc2.bias", False)}
@@ -115,6 +122,16 @@ def check_compatible(src: RunConfig, cfg: RunConfig, where: Path) -> str:
             raise mismatch("moe.dense_width_mult", src.moe.dense_width_mult, here,
                            " (each expert copies the dense FFN, so their widths must match)" if cfg.moe.is_moe else "")
         kind = "upcycle" if cfg.moe.is_moe else "warm_start"
+        if kind == "upcycle":
+            # Each expert is a copy of the dense FFN: a narrower expert cannot be one, and a shared FFN
+            # added on top would double the dense output at step 0 (the function upcycling keeps).
+            if cfg.moe.expert_width_mult != 1.0:
+                raise EcditError(f"{KEY}: moe.expert_width_mult={cfg.moe.expert_width_mult:g} cannot be upcycled from "
+                                 f"the dense run {where} (each expert copies its FFN: keep 1.0)")
+            if cfg.moe.shared_experts:
+                raise EcditError(f"{KEY}: moe.shared_experts={cfg.moe.shared_experts} cannot be upcycled from the "
+                                 f"dense run {where} (shared FFN + copied experts would not start as the dense "
+                                 "model: keep 0)")
     return kind
 
 

@@ -12,7 +12,9 @@ import math
 from typing import Any
 
 import pandas as pd
+import yaml
 
+from ecdit_cli.config import VARIANT_DEFAULTS
 from ecdit_cli.numbers import plain
 
 # Axes that name a model size, and axes that are replicates: neither splits a series.
@@ -20,8 +22,18 @@ SIZE_AXES = ("size", "hidden_size", "depth", "model.hidden_size", "model.depth",
 REPLICATE_AXES = ("seed", "train.seed")
 AXIS_ABBREV = {"num_experts": "E", "capacity_factor": "f", "top_k": "k", "moe.num_experts": "E",
                "routing_group": "group", "moe.routing_group": "group"}
-
-
+# Routing-variant axes (named or dotted) -> label name, default value. Such an axis splits a
+# series only where its value differs from the default, and a run at the default (or without a
+# value: a point that did not set it) carries no part for it, so the baseline keeps its label.
+VARIANT_NAMES = {"shared_experts": "shared", "shared_expert_width_mult": "shared width",
+                 "expert_width_mult": "width", "router_input": "router", "route_scale": "scale",
+                 "renormalize_gates": "renorm", "capacity_schedule": "f per layer", "routing_debug": "debug"}
+VARIANT_LABELS: dict[str, tuple[str, Any]] = {
+    axis: (name, VARIANT_DEFAULTS[key]) for key, name in VARIANT_NAMES.items() for axis in (key, f"moe.{key}")
+}
+# Batch-level groups read the same way: per-image routing (the default, or a point that did not set
+# the axis) keeps the routing's plain label, `group=batch` marks the others.
+VARIANT_LABELS.update({"routing_group": ("group", "image"), "moe.routing_group": ("group", "image")})
 
 
 def size_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
@@ -59,11 +71,36 @@ def series_labels(runs: pd.DataFrame, axes: list[str]) -> pd.Series:
     labels = routing.copy()
     for r, idx in routing.groupby(routing).groups.items():
         sub = runs.loc[idx]
-        varying = [a for a in other if sub[a].map(plain).nunique(dropna=True) > 1]
+        varying = [a for a in other if sub[a].map(lambda v, a=a: _label_value(a, v)).nunique(dropna=True) > 1]
         for i in idx:
-            parts = [f"{AXIS_ABBREV.get(a, a)}={plain(runs.at[i, a])}" for a in varying]
+            parts = []
+            for a in varying:
+                v = _label_value(a, runs.at[i, a])
+                if a in VARIANT_LABELS:
+                    if v != _label_value(a, None):
+                        parts.append(f"{VARIANT_LABELS[a][0]}={v}")
+                else:
+                    parts.append(f"{AXIS_ABBREV.get(a, a)}={v}")
             labels.at[i] = " ".join([str(r), *parts])
     return labels
+
+
+def _label_value(axis: str, value: Any) -> str:
+    """A run's value of an axis as a label; a routing-variant axis left blank reads as its default."""
+    if axis not in VARIANT_LABELS:
+        return plain(value)
+    default = VARIANT_LABELS[axis][1]
+    if blank(value):
+        value = default
+    if isinstance(value, str) and not isinstance(default, str):
+        value = yaml.safe_load(value)  # a list, number or boolean read back from a CSV cell
+    if isinstance(value, list):
+        return "[" + ", ".join(plain(float(v)) for v in value) + "]"
+    if isinstance(default, bool):
+        return str(bool(value)).lower()
+    if isinstance(value, (int, float)):
+        return plain(float(value))
+    return plain(value)
 
 
 ROUTING_ORDER = ("dense", "token_choice", "expert_choice", "race")

@@ -30,10 +30,16 @@ Rules:
   forward FLOPs per image equal those of the *reference MoE point* of the same size and budget:
   the first num_experts / capacity_factor / top_k values of the grid, expert choice if present.
   match: backbone keeps the dense backbone as is (the paper's comparison).
+- Routing-variant axes (`moe.shared_experts`, `moe.expert_width_mult`, `moe.router_input`,
+  `moe.capacity_schedule`, `moe.routing_debug`, ...; see VARIANT_TAGS) are MoE-only axes too: dense
+  ignores them, and a value dense cannot take is never given to it.
 - Run ids are readable, path-safe and derived from the point: `{size}-{ec|tc|race|dense}`, then
-  `-e{E}-f{f}` (EC, race), `-e{E}-k{k}` (TC, plus `-f{f}` when f varies), `-batch` / `-image`
-  when routing_group varies (`-batch` for a single batch-routed run), then any other varying axis
-  (`-n{steps}`, `-i{images}`, `-lr{lr}`, `-{key}{value}`), then `-s{seed}`.
+  `-e{E}-f{f}` (EC, race), `-e{E}-k{k}` (TC, plus `-f{f}` when f varies), `-batch` for a batch-routed
+  point (and `-image` for the others when routing_group varies in the grid), then a tag for every
+  routing-variant axis whose value differs from the default, whether or not it varies (`-sh1`,
+  `-w0.5`, `-dec`, `-rand`; a capacity schedule replaces f: `-f4_2`), then any other varying axis
+  (`-n{steps}`, `-i{images}`, `-lr{lr}`, `-{key}{value}`), then `-s{seed}`. A config at every
+  variant default, routed per image, gets the id it had before these keys existed.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from ecdit_cli import rundir
 from ecdit_cli.config import (
     ROUTING_ABBREV,
     ROUTINGS,
+    VARIANT_DEFAULTS,
     RunConfig,
     config_from_dict,
     deep_merge,
@@ -77,9 +84,19 @@ AXES: dict[str, str] = {
     "images": "train.steps",  # converted: ceil(images / batch_size)
     "lr": "train.lr",
     "seed": "train.seed",
+    # Routing variants (named axes for the moe.* keys of config.VARIANT_DEFAULTS).
+    **{key: f"moe.{key}" for key in VARIANT_DEFAULTS},
+}
+# Run-id tag of each routing-variant key at a value other than its default: a prefix followed by
+# the value, or a fixed tag per value. moe.capacity_schedule is written in place of f (`f4_2`).
+VARIANT_TAGS: dict[str, str | dict[Any, str]] = {
+    "shared_experts": "sh", "shared_expert_width_mult": "shw", "expert_width_mult": "w",
+    "router_input": {"decoupled": "dec"}, "route_scale": "rs", "renormalize_gates": {True: "rn"},
+    "routing_debug": {"balanced": "bal", "random": "rand"},
 }
 MOE_ONLY_AXES = {"num_experts", "capacity_factor", "top_k", "group_size", "moe.num_experts",
-                 "moe.capacity_factor", "moe.top_k", "moe.group_size"}
+                 "moe.capacity_factor", "moe.top_k", "moe.group_size",
+                 *VARIANT_DEFAULTS, *(f"moe.{key}" for key in VARIANT_DEFAULTS)}
 TC_ONLY_AXES = {"top_k", "moe.top_k"}
 # Batch-level groups apply to expert choice and race; race's own keys to race only.
 GROUP_AXES = {"routing_group", "moe.routing_group"}
@@ -167,7 +184,8 @@ def parse_spec(data: dict[str, Any], where: str = "spec") -> StudySpec:
             raise ConfigError(f"{where}: '{key}' must be a list of mappings of axis -> value")
         for i, entry in enumerate(entries):
             for axis in entry:
-                if axis not in clean and not (key == "include" and axis in ("routing", *AXES)):
+                if axis not in clean and not (key == "include" and (axis in ("routing", *AXES)
+                                                                   or variant_key(str(axis)) is not None)):
                     raise ConfigError(f"{where}: {key}[{i}] uses axis '{axis}', which is not in the grid"
                                       + did_you_mean(str(axis), clean))
         extra[key] = entries
@@ -218,7 +236,9 @@ def make_sweep(spec: StudySpec) -> list[SweepPoint]:
     for values in combos:
         routing = values["routing"]
         point_axes = {a: (v if _applies(a, routing) else None) for a, v in values.items()}
-        key = tuple(sorted((a, repr(v)) for a, v in point_axes.items()))
+        # Collapsed axes (None) do not count: an include that names an axis the grid lacks collapses
+        # onto the grid's point as well.
+        key = tuple(sorted((a, repr(v)) for a, v in point_axes.items() if v is not None))
         if key in seen:
             continue  # collapsed duplicate (e.g. dense x several expert counts)
         cfg = _point_config(spec, point_axes, where=_describe(point_axes))
@@ -284,27 +304,61 @@ def _match_dense_flops(spec: StudySpec, points: list[SweepPoint], grid: dict[str
         p.config.moe.dense_width_mult = dense_width_for_flops(p.config, target)
 
 
+def variant_key(axis: str) -> str | None:
+    """The routing-variant key (`shared_experts`, ...) an axis sets, or None."""
+    key = AXES.get(axis, axis)
+    return key[4:] if key.startswith("moe.") and key[4:] in VARIANT_DEFAULTS else None
+
+
+def _variants(point_axes: dict[str, Any]) -> dict[str, Any]:
+    """The point's routing-variant values that differ from their defaults, by key."""
+    out = {}
+    for axis, value in point_axes.items():
+        key = variant_key(axis)
+        if key is not None and value is not None and value != VARIANT_DEFAULTS[key]:
+            out[key] = value
+    return out
+
+
+def _variant_tags(variants: dict[str, Any]) -> list[str]:
+    tags = []
+    for key, tag in VARIANT_TAGS.items():
+        if key in variants:
+            value = variants[key]
+            tags.append(tag.get(value, _fmt(value)) if isinstance(tag, dict) else f"{tag}{_fmt(value)}")
+    return tags
+
+
 def _run_id(point_axes: dict[str, Any], varying: set[str]) -> str:
     routing = point_axes["routing"]
     parts = [_fmt(point_axes.get("size") or "custom"), ROUTING_ABBREV[routing]]
+    variants = _variants(point_axes) if routing != "dense" else {}
+    schedule = variants.get("capacity_schedule")
+    f_part = f"f{'_'.join(_fmt(float(v)) for v in schedule)}" if schedule else None
     if routing != "dense":
         if point_axes.get("num_experts") is not None:
             parts.append(f"e{_fmt(point_axes['num_experts'])}")
-        if routing in ("expert_choice", "race") and point_axes.get("capacity_factor") is not None:
-            parts.append(f"f{_fmt(point_axes['capacity_factor'])}")
+        if routing in ("expert_choice", "race") and (f_part or point_axes.get("capacity_factor") is not None):
+            parts.append(f_part or f"f{_fmt(point_axes['capacity_factor'])}")
         if routing == "token_choice":
             if point_axes.get("top_k") is not None:
                 parts.append(f"k{_fmt(point_axes['top_k'])}")
-            if "capacity_factor" in varying and point_axes.get("capacity_factor") is not None:
+            if f_part:
+                parts.append(f_part)
+            elif "capacity_factor" in varying and point_axes.get("capacity_factor") is not None:
                 parts.append(f"f{_fmt(point_axes['capacity_factor'])}")
         if "group_size" in varying and point_axes.get("group_size") is not None:
             parts.append(f"g{_fmt(point_axes['group_size'])}")
-        for axis in GROUP_AXES:  # `-batch` / `-image` where the routing group varies
-            if axis in varying and point_axes.get(axis) is not None:
-                parts.append(_fmt(point_axes[axis]))
+        for axis in sorted(GROUP_AXES):  # `-batch` always; `-image` only where the routing group varies
+            value = point_axes.get(axis)
+            if value is not None and (value == "batch" or axis in varying):
+                parts.append(_fmt(value))
+        parts += _variant_tags(variants)
     short = {"steps": "n", "images": "i", "lr": "lr"}
     for axis, value in point_axes.items():
         if axis in ("size", "routing", "num_experts", "capacity_factor", "top_k", "group_size", "seed", *GROUP_AXES):
+            continue
+        if variant_key(axis) is not None:
             continue
         if axis in varying and value is not None:
             parts.append(f"{short.get(axis, axis.split('.')[-1].replace('_', ''))}{_fmt(value)}")
@@ -321,9 +375,9 @@ def run_id_for_config(cfg: RunConfig) -> str:
         axes["capacity_factor"] = m.capacity_factor
         if m.routing == "token_choice":
             axes["top_k"] = m.top_k
+        axes.update({key: getattr(m, key) for key in VARIANT_DEFAULTS})
     if m.routing_group == "batch":
         axes["routing_group"] = "batch"
-        return _run_id(axes, varying={"routing_group"})
     return _run_id(axes, varying=set())
 
 
