@@ -33,23 +33,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             )
         return value
     if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a list, e.g. [4, 2]")
         (item,) = typing.get_args(tp)
+        # `--set train.tracker=tensorboard,csv` as well as `[tensorboard, csv]` (lists of names only:
+        # a list of numbers such as moe.capacity_schedule is written [4, 2]).
+        if isinstance(value, str) and item is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list, e.g. "
+                              f"{'[tensorboard, csv]' if item is str else '[4, 2]'}")
         return [_coerce(v, item, key) for v in value]
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         return _coerce(value, args[0], key)
-    if origin is list:
-        # `--set train.tracker=tensorboard,csv` as well as `[tensorboard, csv]`.
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a list")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, key) for v in value]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
