@@ -10,13 +10,15 @@ STAMP := $(VENV)/.ecdit-installed
 DEMO_DIR ?= results/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo reference lint bench bench-gpu clean help
+.PHONY: install test demo reference routing-variants lint bench bench-gpu clean help
 
 help:
 	@echo "make demo   install, then run the demo study end to end (sweep, train, plot)"
 	@echo "make test   install, then run the test suite"
 	@echo "make reference  train the reference study (about 75 min on 2 cores; resumable, takes the points"
 	@echo "                committed under docs/reference/runs) and rewrite docs/reference/"
+	@echo "make routing-variants  the routing-variants study (sweeps/routing-variants.yaml; same script, takes the"
+	@echo "                points committed under docs/routing-variants/runs) and rewrite docs/routing-variants/"
 	@echo "make lint   ruff over the package and the tests"
 	@echo "make bench  MoE layer, training step, whole loop and data benchmarks (writes results/bench/)"
 
@@ -42,6 +44,12 @@ demo: install
 # REF_JOBS workers x REF_THREADS threads each; REF_DIR holds checkpoints, docs/reference the records.
 reference: install
 	ECDIT=$(VENV)/bin/ecdit PYTHON=$(PY) bash scripts/reference.sh
+
+# The same script on the routing-variants spec; RV_DIR holds checkpoints, docs/routing-variants the records.
+RV_DIR ?= results/routing-variants
+routing-variants: install
+	ECDIT=$(VENV)/bin/ecdit PYTHON=$(PY) REF_SPEC=sweeps/routing-variants.yaml REF_DIR=$(RV_DIR) \
+	REF_DOCS=docs/routing-variants REF_ANALYZE=" " REF_COMMAND="make routing-variants" bash scripts/reference.sh
 
 lint: install
 	$(VENV)/bin/ruff check ecdit_cli tests

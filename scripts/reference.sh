@@ -18,6 +18,7 @@ JOBS=${REF_JOBS:-2}
 THREADS=${REF_THREADS:-1}  # per worker: JOBS x THREADS = the cores to use
 # Expert-choice runs to analyse: the largest first (the report shows its figures; the others add
 # their numbers, pooled over seeds).
+# (REF_ANALYZE=" " analyses none.)
 ANALYZE=${REF_ANALYZE:-medium-ec-e8-f2-s0 medium-ec-e8-f2-s1 mini-ec-e8-f2-s0 mini-ec-e8-f2-s1 mini-ec-e8-f2-s2}
 
 start=$(date +%s)
@@ -51,5 +52,5 @@ for run in $ANALYZE; do
   fi
 done
 "$ECDIT" plot "$DOCS"
-"$PYTHON" scripts/provenance.py "$DOCS" --command "make reference REF_JOBS=$JOBS REF_THREADS=$THREADS" \
+"$PYTHON" scripts/provenance.py "$DOCS" --command "${REF_COMMAND:-make reference} REF_JOBS=$JOBS REF_THREADS=$THREADS" \
   --this-run-seconds "$trained"
