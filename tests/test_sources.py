@@ -212,3 +212,16 @@ def test_prefetched_scene_batches_are_the_arrays_the_source_renders_itself():
         assert fetched.hits >= 4  # predicted from the stride, rendered by the worker
         assert fetched.misses >= 2  # the first request and the one after the jump
         assert fetched.vocabulary() == plain.vocabulary()
+
+
+def test_prefetch_auto_asks_for_a_free_core_beside_torchs_threads(monkeypatch):
+    import torch
+
+    from ecdit_cli.data import prefetch
+
+    assert prefetch.wanted("on") and not prefetch.wanted("off")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not prefetch.wanted("auto")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert prefetch.wanted("auto")

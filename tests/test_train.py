@@ -229,6 +229,6 @@ def test_eval_every_is_refused_where_it_cannot_score(tmp_path):
 
 
 def test_prefetching_the_scenes_changes_no_metric(tmp_path):
-    train(tiny("expert_choice", 10, "data.prefetch=true"), tmp_path / "a")
-    train(tiny("expert_choice", 10, "data.prefetch=false"), tmp_path / "b")
+    train(tiny("expert_choice", 10, "data.prefetch=on"), tmp_path / "a")
+    train(tiny("expert_choice", 10, "data.prefetch=off"), tmp_path / "b")
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")

@@ -26,6 +26,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off (and true/false) as booleans
         if value not in allowed:
             raise ConfigError(
                 f"{key}={value!r} is invalid: allowed: {', '.join(map(str, allowed))}"

@@ -295,8 +295,10 @@ class DataConfig:
     val_size: int = 256  # images in the fixed held-out validation set
     seed: int = 0  # seed of the data streams (train and validation never overlap)
     # scenes: render the next training batches in a worker process (data/prefetch.py); the batches
-    # are the same arrays either way, so this changes speed only
-    prefetch: bool = True
+    # are the same arrays either way, so this changes speed only. auto = on when a core is left over
+    # beside torch's intra-op threads (measured on 2 cores with 2 threads: the worker slows the
+    # loop 1.12-1.20x by competing with them, so auto leaves it off there).
+    prefetch: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.source == "prepared":

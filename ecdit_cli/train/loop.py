@@ -149,10 +149,11 @@ class _Run:
 
         cfg, d, dist = self.cfg, self.cfg.data, self.dist
         self.source = training_source(cfg, str(dist.device))  # pixels, latents (cached or encoded on the fly)
-        if d.source == "scenes" and cfg.model.space == "pixel" and d.prefetch:
-            from ecdit_cli.data.prefetch import PrefetchingSource
+        if d.source == "scenes" and cfg.model.space == "pixel":
+            from ecdit_cli.data import prefetch
 
-            self.source = PrefetchingSource(self.source)
+            if prefetch.wanted(d.prefetch):
+                self.source = prefetch.PrefetchingSource(self.source)
         ep_rank = dist.rank % cfg.moe.ep_size if cfg.moe.is_moe else 0
         torch.manual_seed(cfg.train.seed)
         self.model = TextToImage(cfg, self.source.vocabulary(), ep_rank=ep_rank)
