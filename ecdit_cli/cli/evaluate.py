@@ -48,18 +48,9 @@ def _console():
 
 
 def _progress(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from ecdit_cli.cli.progress import count_progress
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
-                    disable=not console.is_terminal)
+    return count_progress(console)
 
 
 def _flops_line(settings: dict) -> str:

@@ -24,16 +24,7 @@ def prepare(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto, for the encoders.")] = "auto",
 ) -> None:
     """Turn images and captions into a training cache: uint8 pixels or VAE latents, cached text states."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from ecdit_cli.cli.progress import console
+    from ecdit_cli.cli.progress import console, count_progress
     from ecdit_cli.config.schema import TextConfig
     from ecdit_cli.data.prepare import PrepareOptions
     from ecdit_cli.data.prepare import prepare as run_prepare
@@ -53,11 +44,9 @@ def prepare(
         text_cfg = (TextConfig(encoder="minilm", width=384, max_len=max_len) if text_encoder == "minilm"
                     else TextConfig(encoder="hf", hf_path=text_encoder, max_len=max_len))
         text_enc = load_text_encoder(frozen_encoder_dir(text_cfg), max_len, dev)
-    progress = Progress(TextColumn("preparing"), BarColumn(), MofNCompleteColumn(), TextColumn("items"),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                        transient=True, disable=not console.is_terminal)
+    progress = count_progress(console, unit="items")
     with progress:
-        task = progress.add_task("prepare", total=None)
+        task = progress.add_task("preparing", total=None)
         summary = run_prepare(source, out, options, image_enc, text_enc,
                               on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     skipped = sum(summary.skipped.values())

@@ -103,6 +103,15 @@ class TrainDisplay:
         return Callbacks(on_start=on_start, on_step=on_step, on_record=on_record, on_message=on_message)
 
 
+def count_progress(out: Console, unit: str = "") -> Progress:
+    """A bar over a count of items (description, bar, done/total, unit, elapsed, eta); transient,
+    and silent when `out` is not a terminal."""
+    unit_column = [TextColumn(unit)] if unit else []
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *unit_column,
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=out, transient=True,
+                    disable=not out.is_terminal)
+
+
 def make_progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
