@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures_moe import copy_dense_into_expert, tensor_sizes
 
 from ecdit_cli import rundir
 from ecdit_cli.config import resolve_config
@@ -113,11 +114,7 @@ def test_race_with_one_expert_and_capacity_covering_all_tokens_equals_a_dense_ff
     dense = FeedForward(D, F_)
     layer = MoEFeedForward(D, F_, 1, "race", 1.0, 1, 0 if routing_group == "batch" else 8,
                            routing_group=routing_group, tokens_per_image=8)
-    with torch.no_grad():
-        layer.experts.w1[0].copy_(dense.fc1.weight.T)
-        layer.experts.b1[0].copy_(dense.fc1.bias)
-        layer.experts.w2[0].copy_(dense.fc2.weight.T)
-        layer.experts.b2[0].copy_(dense.fc2.bias)
+    copy_dense_into_expert(layer, dense)
     x1 = torch.randn(3, 8, D, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
     y_dense = dense(x1)
@@ -200,26 +197,10 @@ def test_race_through_deepspeeds_moe_layer_equals_the_fast_path(group):
 
 def test_race_builds_no_tokens_by_experts_by_capacity_tensor():
     S, E, G = 256, 8, 64
-    seen = []
-    orig = {name: getattr(torch, name) for name in ("empty", "zeros", "full", "empty_like")}
-
-    def watch(fn):
-        def inner(*a, **kw):
-            t = fn(*a, **kw)
-            seen.append(t.numel())
-            return t
-        return inner
-
     layer = _layer(E=E, group=G, T=G)
     x = torch.randn(4, G, 16)
-    for name, fn in orig.items():
-        setattr(torch, name, watch(fn))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append(t.numel()), t)[1], lambda t: t):
-            layer(x)
-    finally:
-        for name, fn in orig.items():
-            setattr(torch, name, fn)
+    with tensor_sizes() as seen:
+        layer(x)
     C = expert_capacity(G, 2.0, E) * (S // G)
     assert seen and max(seen) < S * E * C // 4
 

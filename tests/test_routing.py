@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures_moe import copy_dense_into_expert, tensor_sizes
 
 from ecdit_cli.model.moe import FeedForward, GroupedExperts, MoEFeedForward
 from ecdit_cli.model.routing import (
@@ -134,11 +135,7 @@ def test_one_expert_with_copied_weights_equals_the_dense_ffn_in_outputs_and_grad
     D, F_ = 16, 32
     dense = FeedForward(D, F_)
     layer = MoEFeedForward(D, F_, 1, routing, f, k, 8, normalize_top_k=True)
-    with torch.no_grad():
-        layer.experts.w1[0].copy_(dense.fc1.weight.T)
-        layer.experts.b1[0].copy_(dense.fc1.bias)
-        layer.experts.w2[0].copy_(dense.fc2.weight.T)
-        layer.experts.b2[0].copy_(dense.fc2.bias)
+    copy_dense_into_expert(layer, dense)
     x1 = torch.randn(3, 8, D, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
     y_dense = dense(x1)
@@ -226,26 +223,12 @@ def test_routing_builds_no_tokens_by_experts_by_capacity_tensor():
     G, f = 64, 2.0
     C_total = (S // G) * expert_capacity(G, f, E)
     big = S * E * C_total
-    seen = []
-    orig_empty, orig_zeros, orig_full = torch.empty, torch.zeros, torch.full
-
-    def watch(fn):
-        def inner(*a, **kw):
-            t = fn(*a, **kw)
-            seen.append(t.numel())
-            return t
-        return inner
-
     layer = _layer(E=E, D=16, F_=32, group=G)
     x = torch.randn(4, 64, 16)
-    torch.empty, torch.zeros, torch.full = watch(orig_empty), watch(orig_zeros), watch(orig_full)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append(t.numel()), t)[1], lambda t: t):
-            y, _ = layer(x)
-            tc = _layer(routing="token_choice", E=E, D=16, F_=32, group=G)
-            tc(x)
-    finally:
-        torch.empty, torch.zeros, torch.full = orig_empty, orig_zeros, orig_full
+    with tensor_sizes() as seen:
+        y, _ = layer(x)
+        tc = _layer(routing="token_choice", E=E, D=16, F_=32, group=G)
+        tc(x)
     assert seen and max(seen) < big // 4
 
 

@@ -7,6 +7,7 @@ import io
 import pandas as pd
 import pytest
 import torch
+from fixtures_moe import tensor_sizes
 from torch import nn
 
 from ecdit_cli.config import resolve_config
@@ -438,29 +439,15 @@ def test_debug_slot_tables_on_the_fast_path_equal_the_index_add_reference(kind, 
 def test_no_variant_builds_a_tokens_by_experts_by_capacity_tensor():
     S, E, G = 256, 8, 64
     big = S * E * (S // G) * expert_capacity(G, 4.0, E)
-    seen = []
-    orig = torch.empty, torch.zeros, torch.full
-
-    def watch(fn):
-        def inner(*a, **kw):
-            t = fn(*a, **kw)
-            seen.append(t.numel())
-            return t
-        return inner
-
     x = torch.randn(4, 64, 16)
     layers = [_layer("expert_choice", E=E, group=G, f=4.0, shared_hidden=32, router_input_size=32,
                      renormalize_gates=True, route_scale=2.5),
               _layer("expert_choice", E=E, group=G, f=4.0, routing_debug="random"),
               _layer("token_choice", E=E, group=G, f=4.0, routing_debug="balanced", renormalize_gates=True)]
-    torch.empty, torch.zeros, torch.full = (watch(f) for f in orig)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append(t.numel()), t)[1], lambda t: t):
-            for layer in layers:
-                r_in = torch.randn(4, 64, 32) if layer.router.wg.in_features == 32 else None
-                layer(x, r_in)
-    finally:
-        torch.empty, torch.zeros, torch.full = orig
+    with tensor_sizes() as seen:
+        for layer in layers:
+            r_in = torch.randn(4, 64, 32) if layer.router.wg.in_features == 32 else None
+            layer(x, r_in)
     assert seen and max(seen) < big // 4
 
 
