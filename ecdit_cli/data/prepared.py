@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ecdit_cli.data.sources import _stream_indices, _to_model_range, caption_words, held_out_split
+from ecdit_cli.data.sources import CaptionedImages, _stream_indices, _to_model_range, held_out_split
 from ecdit_cli.errors import EcditError
 from ecdit_cli.files import read_json
 
@@ -51,7 +51,7 @@ def read_manifest(cache: str | Path) -> dict[str, Any]:
     return manifest
 
 
-class PreparedSource:
+class PreparedSource(CaptionedImages):
     """The images (or latents), captions and cached text states of a prepared cache."""
 
     kind = "prepared"
@@ -123,14 +123,6 @@ class PreparedSource:
         idx = self.indices(split, start, count)
         return self.gather("text", idx).astype(np.float32), self.gather("mask", idx).astype(bool)
 
-    def val_set(self, count: int) -> tuple[np.ndarray, list[str]]:
-        return self.batch("val", 0, count)
-
-    def vocabulary(self) -> list[str]:
-        return sorted({w for c in self.captions for w in caption_words(c)})
-
-    def object_masks(self, split: str, start: int, count: int) -> None:
-        return None
 
 
 def cache_mismatches(manifest: dict[str, Any], want: dict[str, Any]) -> list[str]:

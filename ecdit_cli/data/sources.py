@@ -239,7 +239,23 @@ def held_out_split(keys: list[str], fraction: float = FOLDER_VAL_FRACTION) -> tu
     return (np.asarray(rest, dtype=np.int64) if rest else val), val
 
 
-class FolderSource:
+class CaptionedImages:
+    """What a source of captioned images without object masks shares (a folder, a prepared cache):
+    `batch` and `captions` are the subclass's."""
+
+    captions: list[str]
+
+    def val_set(self, count: int) -> tuple[np.ndarray, list[str]]:
+        return self.batch("val", 0, count)
+
+    def vocabulary(self) -> list[str]:
+        return sorted({w for c in self.captions for w in caption_words(c)})
+
+    def object_masks(self, split: str, start: int, count: int) -> None:
+        return None
+
+
+class FolderSource(CaptionedImages):
     """A folder of images with `captions.jsonl` lines {"path": relative path, "caption": text}.
 
     All images are decoded and resized once, at construction. A deterministic ~5% (by a hash of
@@ -289,14 +305,6 @@ class FolderSource:
             idx = self.val_indices[np.arange(start, start + count) % len(self.val_indices)]
         return _to_model_range(self.images[idx], 255.0), [self.captions[i] for i in idx]
 
-    def val_set(self, count: int) -> tuple[np.ndarray, list[str]]:
-        return self.batch("val", 0, count)
-
-    def vocabulary(self) -> list[str]:
-        return sorted({w for c in self.captions for w in caption_words(c)})
-
-    def object_masks(self, split: str, start: int, count: int) -> None:
-        return None
 
 
 def make_source(kind: str, image_size: int = 32, channels: int = 3, path: str | Path = "",
