@@ -219,6 +219,25 @@ def test_eval_every_logs_fixed_geneval_subsets_without_changing_the_training(tmp
     assert "geneval_vs_training" in make_figures(data)
 
 
+def test_ecdit_train_prints_in_training_geneval_lines_when_its_output_is_not_a_terminal(tmp_path, capsys):
+    # Piped output (nohup, CI logs) takes the plain printer, which once read train_loss from
+    # every record and crashed on the first eval record.
+    from ecdit_cli.cli import main
+
+    args = ["train", "debug", "--set", "moe.routing=expert_choice", "--set", "train.steps=4",
+            "--set", "train.log_every=2", "--set", "train.eval_every=2", "--set", "train.eval_per_tag=1",
+            "--set", "train.eval_images=1", "-o", str(tmp_path / "run")]
+    try:
+        main(args)
+    except SystemExit as e:
+        assert not e.code, capsys.readouterr()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "GenEval" in line]
+    assert [line.split()[1] for line in lines] == ["2", "4"]
+    evals = [r for r in metrics(tmp_path / "run") if r["kind"] == "eval"]
+    assert all(f"GenEval {r['geneval_overall']:.1%} (6 images)" in line for r, line in zip(evals, lines))
+
+
 def test_eval_every_is_refused_where_it_cannot_score(tmp_path):
     from ecdit_cli.errors import ConfigError
 

@@ -90,17 +90,28 @@ class TrainDisplay:
             if self.plain and not self.quiet:
                 if rec["kind"] == "val":
                     print(f"step {rec['step']:>6}  val_loss {rec['val_loss']:.4f}", flush=True)
+                elif rec["kind"] == "eval":
+                    print(f"step {rec['step']:>6}  {_eval_line(rec)}", flush=True)
                 else:
                     print(f"step {rec['step']:>6}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.2e}  "
                           f"{rec['images_per_s']:.0f} img/s", flush=True)
             elif rec["kind"] == "val" and self.progress is not None:
                 self.progress.console.print(f"  step {rec['step']}: val_loss {rec['val_loss']:.4f}", highlight=False)
+            elif rec["kind"] == "eval" and self.progress is not None:
+                self.progress.console.print(f"  step {rec['step']}: {_eval_line(rec)}", highlight=False)
 
         def on_message(msg: str) -> None:
             if not msg.startswith("start:"):  # the start block is printed by on_start
                 self.print(f"  {msg}")
 
         return Callbacks(on_start=on_start, on_step=on_step, on_record=on_record, on_message=on_message)
+
+
+def _eval_line(rec: dict[str, Any]) -> str:
+    """One line for an in-training GenEval record (train.eval_every): overall, then each task."""
+    tasks = "  ".join(f"{k.removeprefix('geneval_')} {v:.0%}" for k, v in rec.items()
+                      if k.startswith("geneval_") and k != "geneval_overall")
+    return f"GenEval {rec['geneval_overall']:.1%} ({rec['eval_images']} images)  {tasks}"
 
 
 def count_progress(out: Console, unit: str = "") -> Progress:
