@@ -126,6 +126,8 @@ CASES = [
     ("sample", ["sample", "{ws}/unfinished", "--prompt", "a red circle"], "has no final weights"),
     ("sample", ["sample", "{ws}/nowhere", "--prompt", "a red circle"], "not found"),
     ("sample", ["sample", "{ws}/run", "--prompt", "a red circle", "--steps", "0"], "steps"),
+    ("sample", ["sample", "{ws}/run", "--prompt", "a red circle", "--guidance-max-t", "1.5"],
+     "guidance max t must be in [0, 1] (1 = guidance at every step), got 1.5"),
     ("sample", ["sample", "{ws}/old_run", "--prompt", "a red circle"], "format version"),
     ("sample", ["sample", "{ws}/run", "--prompt", "a red circle", "--capacity-factor", "0"],
      "moe.capacity_factor=0.0 is invalid: must be > 0"),

@@ -56,6 +56,8 @@ def test_override_values_are_parsed_as_yaml():
     (["preset=smal"], "unknown preset 'smal' (did you mean 'small'?)"),
     (["moe.top_k"], "expected KEY=VALUE"),
     (["train.eval_fd=true"], "train.eval_fd=True is invalid: needs train.eval_every > 0"),
+    (["train.eval_guidance_max_t=2"], "train.eval_guidance_max_t=2.0 is invalid: must be in [0, 1]"),
+    (["train.eval_seed=-1"], "train.eval_seed=-1 is invalid: must be >= 0"),
 ])
 def test_a_bad_value_gets_one_line_naming_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -63,7 +63,7 @@ def test_eval_of_the_renderers_own_images_scores_one_and_writes_every_file(run, 
     assert 0 <= on_disk["fd_scenes"] < 2 * on_disk["fd_scenes_floor"]
     assert on_disk["fd_net"]["image_size"] == 32 and on_disk["fd_net"]["val_color_acc"] > 0.9
     assert on_disk["settings"] == {"cfg": 2.5, "steps": 7, "seed": 4, "n": 2, "per_tag": PER_TAG, "ema": True,
-                                   "shift": 1.0, "prompt_set_seed": 0, "capacity_factor": 2.0}
+                                   "shift": 1.0, "guidance_max_t": 1.0, "prompt_set_seed": 0, "capacity_factor": 2.0}
     records = geneval.read_prompts(run / "eval" / "prompts.jsonl")
     assert records == geneval.make_prompt_set(0, PER_TAG)
     assert calls == [{"prompts": [r["prompt"] for r in records], "n": 2, "cfg_scale": 2.5, "steps": 7, "seed": 4,

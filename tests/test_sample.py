@@ -38,7 +38,8 @@ def test_sampled_images_are_prompts_by_n_rgb_images_in_the_unit_range(ec):
     assert result.images.min() >= 0.0 and result.images.max() <= 1.0
     assert result.prompts == PROMPTS[:2]
     assert result.settings | {"wall_time_s": 0} == {"cfg": DEFAULT_CFG_SCALE, "steps": 3, "seed": 0,
-                                                    "shift": DEFAULT_SHIFT, "n": 3, "wall_time_s": 0}
+                                                    "shift": DEFAULT_SHIFT, "n": 3, "guidance_max_t": 1.0,
+                                                    "wall_time_s": 0}
     assert result.routing is None
 
 
@@ -77,6 +78,27 @@ def test_the_batched_guidance_pass_equals_separate_conditional_and_unconditional
     np.testing.assert_allclose(batched.images, separate.images, atol=1e-5)
 
 
+def test_guidance_applies_only_at_steps_whose_t_is_at_most_guidance_max_t(ec):
+    model, cfg = ec
+    rows = []
+    hook = model.register_forward_hook(lambda _m, args, _out: rows.append((round(float(args[1][0]), 4), len(args[1]))))
+    try:
+        half = sample_images(model, cfg, PROMPTS[:2], n=1, steps=4, cfg_scale=3.0, guidance_max_t=0.5)
+    finally:
+        hook.remove()
+    # t = 1 and 0.75: the conditional pass alone (2 rows); t = 0.5 and 0.25: both passes in one forward.
+    assert rows == [(1.0, 2), (0.75, 2), (0.5, 4), (0.25, 4)]
+    assert half.settings["guidance_max_t"] == 0.5
+    unguided = sample_images(model, cfg, PROMPTS[:2], n=1, steps=4, cfg_scale=1.0).images
+    guided = sample_images(model, cfg, PROMPTS[:2], n=1, steps=4, cfg_scale=3.0).images
+    # No step at or below t = 0 exists, so max t = 0 is no guidance at all, and 1 is guidance everywhere.
+    never = sample_images(model, cfg, PROMPTS[:2], n=1, steps=4, cfg_scale=3.0, guidance_max_t=0.0).images
+    np.testing.assert_array_equal(never, unguided)
+    np.testing.assert_array_equal(sample_images(model, cfg, PROMPTS[:2], n=1, steps=4, cfg_scale=3.0,
+                                                guidance_max_t=1.0).images, guided)
+    assert np.abs(half.images - unguided).max() > 1e-4 and np.abs(half.images - guided).max() > 1e-4
+
+
 def test_guidance_scale_zero_samples_from_the_null_caption_whatever_the_prompt(ec):
     model, cfg = ec
     a = sample_images(model, cfg, ["a red circle"], n=1, steps=3, cfg_scale=0.0).images
@@ -109,7 +131,7 @@ def test_unknown_words_raise_one_error_listing_them_and_the_known_words(ec):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"steps": 0}, "steps must be >= 1"), ({"n": 0}, "images per prompt"), ({"cfg_scale": -1.0}, "cfg scale"),
-    ({"shift": 0.0}, "shift"), ({"seed": -1}, "seed"),
+    ({"shift": 0.0}, "shift"), ({"seed": -1}, "seed"), ({"guidance_max_t": 1.5}, r"guidance max t must be in \[0, 1\]"),
 ])
 def test_bad_sampling_settings_are_rejected_with_a_message(ec, kwargs, match):
     model, cfg = ec
@@ -140,6 +162,7 @@ def test_every_sampling_command_defaults_to_the_librarys_sampler_settings(comman
     _register()
     params = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
     assert (params["cfg"], params["steps"], params["shift"]) == (DEFAULT_CFG_SCALE, DEFAULT_STEPS, DEFAULT_SHIFT)
+    assert params["guidance_max_t"] == inspect.signature(sample_images).parameters["guidance_max_t"].default == 1.0
     assert inspect.signature(sample_run).parameters["cfg_scale"].default == DEFAULT_CFG_SCALE
 
 

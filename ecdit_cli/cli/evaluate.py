@@ -7,13 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS
+from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_GUIDANCE_MAX_T, DEFAULT_SHIFT, DEFAULT_STEPS
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory of a finished run (holds final/model.pt).")]
 CfgScale = Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")]
 Steps = Annotated[int, typer.Option("--steps", help="Euler steps from t=1 to t=0.")]
 Seed = Annotated[int, typer.Option("--seed", help="Noise seed: image j of prompt i depends only on (seed, i, j).")]
 Shift = Annotated[float, typer.Option("--shift", help="Timestep shift (SD3); >1 spends more steps at high noise.")]
+GuidanceMaxT = Annotated[float, typer.Option("--guidance-max-t", help="Guide only at steps with t <= this (a guidance interval; above it the conditional velocity alone); 1 = every step.")]
 NoEma = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA weights.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when available).")]
 CapacityFactor = Annotated[Optional[float], typer.Option(
@@ -74,6 +75,7 @@ def sample(
     steps: Steps = DEFAULT_STEPS,
     seed: Seed = 0,
     shift: Shift = DEFAULT_SHIFT,
+    guidance_max_t: GuidanceMaxT = DEFAULT_GUIDANCE_MAX_T,
     no_ema: NoEma = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write; raw images go beside it as .npz (default: RUN_DIR/samples/seed<SEED>.png, seed<SEED>-f<F>.png with --capacity-factor).")] = None,
     device: Device = "auto",
@@ -88,7 +90,7 @@ def sample(
 
     if not prompt:
         raise EcditError('give at least one --prompt, e.g. --prompt "a red circle left of a blue square"')
-    check_settings(n, cfg, steps, seed, shift)
+    check_settings(n, cfg, steps, seed, shift, guidance_max_t)
     _check_race_mode(race_mode)
     console = _console()
     suffix = "" if capacity_factor is None else f"-f{capacity_factor:g}"
@@ -101,7 +103,8 @@ def sample(
         task = progress.add_task("sampling", total=steps * num_batches(len(prompt), n))
         result = sample_run(run_dir, prompt, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift,
                             use_ema=not no_ema, device=_device(device), capacity_factor=capacity_factor,
-                            race_mode=race_mode, on_step=lambda i, t: progress.update(task, advance=1),
+                            race_mode=race_mode, guidance_max_t=guidance_max_t,
+                            on_step=lambda i, t: progress.update(task, advance=1),
                             on_progress=lambda done, total: progress.update(task, description=f"{done}/{total} images"))
     files = save_samples(result, target)
     count = result.images.shape[0] * result.images.shape[1]
@@ -118,6 +121,7 @@ def eval_(
     steps: Steps = DEFAULT_STEPS,
     seed: Seed = 0,
     shift: Shift = DEFAULT_SHIFT,
+    guidance_max_t: GuidanceMaxT = DEFAULT_GUIDANCE_MAX_T,
     per_tag: Annotated[Optional[int], typer.Option("--per-tag", help="Prompts per task tag (default: 32, i.e. 192 prompts).")] = None,
     no_ema: NoEma = False,
     device: Device = "auto",
@@ -148,7 +152,8 @@ def eval_(
 
         doc = evaluate_run(run_dir, n=n, cfg_scale=cfg, steps=steps, seed=seed, shift=shift, per_tag=per_tag,
                            use_ema=not no_ema, device=_device(device), on_progress=on_progress, fd=fd,
-                           on_fd_progress=on_fd_progress, capacity_factor=capacity_factor, race_mode=race_mode)
+                           on_fd_progress=on_fd_progress, capacity_factor=capacity_factor, race_mode=race_mode,
+                           guidance_max_t=guidance_max_t)
     if as_json:
         typer.echo(to_json(doc, indent=2))
         return
@@ -178,6 +183,7 @@ def analyze(
     cfg: CfgScale = DEFAULT_CFG_SCALE,
     seed: Seed = 0,
     shift: Shift = DEFAULT_SHIFT,
+    guidance_max_t: GuidanceMaxT = DEFAULT_GUIDANCE_MAX_T,
     scenes_per_tag: Annotated[int, typer.Option("--scenes-per-tag", help="Rendered scenes per task tag for the ground-truth analysis.")] = 8,
     no_ema: NoEma = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default: RUN_DIR/analyze).")] = None,
@@ -192,7 +198,8 @@ def analyze(
     with console.status("analysing routing") as status:
         doc, files = analyze_run(run_dir, out_dir=out, use_ema=not no_ema, device=_device(device), prompts=prompt,
                                  n=n, steps=steps, cfg_scale=cfg, seed=seed, shift=shift,
-                                 scenes_per_tag=scenes_per_tag, on_stage=lambda s: status.update(s))
+                                 guidance_max_t=guidance_max_t, scenes_per_tag=scenes_per_tag,
+                                 on_stage=lambda s: status.update(s))
     rows = summary_rows(doc)
     if rows:
         gt = doc["ground_truth"]

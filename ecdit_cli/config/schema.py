@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from ecdit_cli import RUN_FORMAT_VERSION
-from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE
+from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_GUIDANCE_MAX_T
 from ecdit_cli.errors import ConfigError
 
 Routing = Literal["dense", "token_choice", "expert_choice", "race"]
@@ -349,6 +349,8 @@ class TrainConfig:
     eval_per_tag: int = 2  # prompts per GenEval task in that subset (fixed prompts, fixed sampling seed)
     eval_images: int = 2  # images per prompt in that subset
     eval_cfg: float = DEFAULT_CFG_SCALE  # classifier-free guidance scale of that subset's sampling
+    eval_guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T  # guide only at steps with t <= this (1 = every step)
+    eval_seed: int = 0  # sampling seed of that subset (prompts stay fixed; tune on one seed, report another)
     eval_fd: bool = False  # also FD-scenes of that subset (its scene network trains once, then is cached)
     init_from: str = ""  # a finished run directory whose final weights start this run ('' = random init;
     #                      dense -> MoE is sparse upcycling: experts copy the dense FFN, router at zero)
@@ -364,6 +366,9 @@ class TrainConfig:
             v = getattr(self, key)
             _require(v >= 1, f"train.{key}", v, "must be >= 1")
         _require(self.eval_cfg >= 1, "train.eval_cfg", self.eval_cfg, "must be >= 1 (1 = no guidance)")
+        _require(0 <= self.eval_guidance_max_t <= 1, "train.eval_guidance_max_t", self.eval_guidance_max_t,
+                 "must be in [0, 1] (1 = guidance at every step)")
+        _require(self.eval_seed >= 0, "train.eval_seed", self.eval_seed, "must be >= 0")
         for key in ("eval_per_tag", "eval_images"):
             v = getattr(self, key)
             _require(v >= 1, f"train.{key}", v, "must be >= 1")

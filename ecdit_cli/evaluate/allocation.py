@@ -376,6 +376,7 @@ def analyze_model(
     scenes_per_tag: int = DEFAULT_SCENES_PER_TAG,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
     on_stage: Callable[[str], None] | None = None,
+    guidance_max_t: float = sampling.DEFAULT_GUIDANCE_MAX_T,
 ) -> tuple[dict[str, Any], sampling.SampleResult, dict[str, np.ndarray]]:
     """(analyze.json document, the sampled images with their routing, raw arrays for routing.npz).
 
@@ -399,7 +400,7 @@ def analyze_model(
     slots = expert_slots_per_token(cfg)
     stage("sampling with routing recorded")
     result = sampling.sample_images(model, cfg, prompts, n, cfg_scale, steps, seed, shift, record_routing=True,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, guidance_max_t=guidance_max_t)
     doc: dict[str, Any] = {
         "ecdit_version": __version__, "run_id": cfg.name, "routing": moe.routing, "num_experts": moe.num_experts,
         "capacity_factor": moe.capacity_factor, "top_k": moe.top_k if moe.routing == "token_choice" else None,
@@ -412,7 +413,7 @@ def analyze_model(
         "routing_group": moe.routing_group,  # batch groups are a training pool: inference routes per image
         "unit": UNIT,
         "settings": {"prompts": prompts, "n": n, "steps": steps, "cfg": cfg_scale, "seed": seed, "shift": shift,
-                     "scenes_per_tag": scenes_per_tag if scenes else None, "gt_t": list(GT_T_VALUES),
+                     "guidance_max_t": guidance_max_t, "scenes_per_tag": scenes_per_tag if scenes else None, "gt_t": list(GT_T_VALUES),
                      "object_share_threshold": OBJECT_SHARE_THRESHOLD},
     }
     doc["sampling"] = sampling_analysis(result, cfg, scenes)

@@ -84,6 +84,7 @@ def eval_model(
     on_progress: Callable[[int, int], None] | None = None,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
     records: Sequence[dict[str, Any]] | None = None,
+    guidance_max_t: float = sampling.DEFAULT_GUIDANCE_MAX_T,
 ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
     """(prompt records, images (P, N, H, W, 3) in [0, 1], `geneval.score_images` result).
 
@@ -99,7 +100,7 @@ def eval_model(
         def progress(done: int, total: int) -> None:
             on_progress(done // n, len(records))
     result = sampling.sample_images(model, cfg, [r["prompt"] for r in records], n, cfg_scale, steps, seed, shift,
-                                    batch_size=batch_size, on_progress=progress)
+                                    batch_size=batch_size, on_progress=progress, guidance_max_t=guidance_max_t)
     images = np.asarray(result.images)
     scores = geneval.score_images(records, [list(imgs) for imgs in images])
     return records, images, scores
@@ -137,6 +138,7 @@ def evaluate_run(
     on_fd_progress: Callable[[int, int], None] | None = None,
     capacity_factor: float | None = None,
     race_mode: str | None = None,
+    guidance_max_t: float = sampling.DEFAULT_GUIDANCE_MAX_T,
 ) -> dict[str, Any]:
     """Evaluate a finished run and write its files (module docstring); returns eval.json's content.
 
@@ -146,7 +148,7 @@ def evaluate_run(
     from ecdit_cli.model.load import load_run
 
     run_dir = rundir.require_dir(run_dir, "run directory")
-    sampling.check_settings(n, cfg_scale, steps, seed, shift)
+    sampling.check_settings(n, cfg_scale, steps, seed, shift, guidance_max_t)
     if per_tag is not None and per_tag < 1:
         raise EcditError(f"--per-tag must be >= 1, got {per_tag}")
     if rundir.is_run_dir(run_dir):
@@ -163,11 +165,11 @@ def evaluate_run(
     t0 = time.time()
     with sampling.measure_slots(model) as meter:
         records, images, scores = eval_model(model, cfg, n, cfg_scale, steps, seed, shift, per_tag_n, on_progress,
-                                             batch_size, records)
+                                             batch_size, records, guidance_max_t)
     wall = time.time() - t0
     settings = {"cfg": float(cfg_scale), "steps": int(steps), "seed": int(seed), "n": int(n), "per_tag": per_tag_n,
                 "ema": bool(use_ema and cfg.train.ema_decay > 0), "shift": float(shift),
-                "prompt_set_seed": PROMPT_SET_SEED}
+                "guidance_max_t": float(guidance_max_t), "prompt_set_seed": PROMPT_SET_SEED}
     extra: dict[str, Any] = {}
     if fd:
         extra = fd_scores(images, records, on_fd_progress)

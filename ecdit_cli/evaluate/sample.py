@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS
+from ecdit_cli.config.sampling import DEFAULT_CFG_SCALE, DEFAULT_GUIDANCE_MAX_T, DEFAULT_SHIFT, DEFAULT_STEPS
 from ecdit_cli.errors import EcditError
 from ecdit_cli.figures import figure_bytes
 from ecdit_cli.files import atomic_write_bytes, npz_bytes
@@ -82,7 +82,8 @@ def initial_noise(seed: int, prompt_index: int, image_index: int, shape: Sequenc
     return rng.standard_normal(tuple(shape), dtype=np.float32)
 
 
-def check_settings(n: int, cfg_scale: float, steps: int, seed: int, shift: float) -> None:
+def check_settings(n: int, cfg_scale: float, steps: int, seed: int, shift: float,
+                   guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T) -> None:
     if n < 1:
         raise EcditError(f"images per prompt must be >= 1, got {n}")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
@@ -93,6 +94,8 @@ def check_settings(n: int, cfg_scale: float, steps: int, seed: int, shift: float
         raise EcditError(f"seed must be >= 0, got {seed}")
     if not math.isfinite(shift) or shift <= 0:
         raise EcditError(f"timestep shift must be > 0 (1 = none), got {shift}")
+    if not 0 <= guidance_max_t <= 1:
+        raise EcditError(f"guidance max t must be in [0, 1] (1 = guidance at every step), got {guidance_max_t}")
 
 
 def tokenize_prompts(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +123,20 @@ def num_batches(num_prompts: int, n: int, batch_size: int = DEFAULT_BATCH_SIZE) 
 
 def _integrate(model, noise: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, cfg_scale: float, steps: int,
                shift: float, record: Callable[[int, list], None] | None,
-               on_step: Callable[[int, float], None] | None) -> torch.Tensor:
-    """Euler from t = 1 to 0 for one batch; x_0 (B, C, H, W) in model range."""
+               on_step: Callable[[int, float], None] | None, guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T,
+               ) -> torch.Tensor:
+    """Euler from t = 1 to 0 for one batch; x_0 (B, C, H, W) in model range.
+
+    Guidance applies only at steps whose t <= guidance_max_t (a guidance interval, Kynkäänniemi
+    et al. 2024); above it the conditional velocity alone moves x, at one forward per step.
+    """
     B = noise.shape[0]
-    guided = cfg_scale != 1.0
+    # Host-side t grid (the one euler_sample walks): deciding per step costs no device sync.
+    guided_at = [cfg_scale != 1.0 and t <= guidance_max_t for t in euler_timesteps(steps, shift).tolist()[:-1]]
     step = 0
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        guided = guided_at[step]
         if record is not None or not guided:
             cond = model(x, t, text, mask)
             if record is not None:
@@ -164,6 +174,7 @@ def sample_images(
     record_routing: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: Callable[[int, int], None] | None = None,
+    guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T,
 ) -> SampleResult:
     """Sample `n` images for every prompt with the model's current weights.
 
@@ -171,7 +182,7 @@ def sample_images(
     images_total) after each batch. Images come back as (P, N, H, W, C) in [0, 1], in prompt
     order. `record_routing` keeps the MoE routing of every step (see `RoutingRecord`).
     """
-    check_settings(n, cfg_scale, steps, seed, shift)
+    check_settings(n, cfg_scale, steps, seed, shift, guidance_max_t)
     t_start = time.time()
     prompts = list(prompts)
     text_all, mask_all = tokenize_prompts(model, prompts)
@@ -210,7 +221,7 @@ def sample_images(
                     ept[step, layer, _rows] = r.experts_per_token_S[: _B * T].view(_B, T).cpu().numpy()
                     requested[step, layer] += r.tokens_per_expert_E.cpu().numpy().astype(np.int64)
                     kept[step, layer] += (r.token_idx_EC < r.num_tokens).sum(dim=1).cpu().numpy()
-        x0 = _integrate(model, noise.to(device), text, mask, cfg_scale, steps, shift, record, on_step)
+        x0 = _integrate(model, noise.to(device), text, mask, cfg_scale, steps, shift, record, on_step, guidance_max_t)
         out[start:stop] = ((to_pixels(x0).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         if on_progress is not None:
             on_progress(stop, len(pairs))
@@ -223,7 +234,7 @@ def sample_images(
             kept_per_expert=kept,
         )
     settings = {"cfg": float(cfg_scale), "steps": int(steps), "seed": int(seed), "shift": float(shift), "n": int(n),
-                "wall_time_s": time.time() - t_start}
+                "guidance_max_t": float(guidance_max_t), "wall_time_s": time.time() - t_start}
     return SampleResult(prompts=prompts, images=out.reshape(P, n, H_img, H_img, C_img), settings=settings,
                         routing=routing)
 

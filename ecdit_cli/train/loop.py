@@ -59,8 +59,6 @@ from ecdit_cli.train.trackers import require as require_trackers
 from ecdit_cli.train.validation import activation_dtype, validate
 from ecdit_cli.train.weights import EMA, save_final_weights
 
-EVAL_SEED = 0  # sampling seed of the in-training GenEval subset (not tuned on: `ecdit eval --seed` varies it)
-
 __all__ = ["Callbacks", "TrainingFailed", "TrainingInterrupted", "check_resume_compatible", "train"]
 
 
@@ -296,7 +294,8 @@ class _Run:
             module.eval()
             try:
                 prompts, images, scores = eval_model(module, self.cfg, n=t.eval_images, cfg_scale=t.eval_cfg,
-                                                     per_tag=t.eval_per_tag, seed=EVAL_SEED)
+                                                     per_tag=t.eval_per_tag, seed=t.eval_seed,
+                                                     guidance_max_t=t.eval_guidance_max_t)
             finally:
                 module.train(was_training)
         fd = {}
@@ -304,7 +303,8 @@ class _Run:
             fd = {k: v for k, v in fd_scores(images, prompts).items() if k in ("fd_scenes", "fd_scenes_floor")}
         self.record("eval", {"geneval_overall": scores["overall"],
                              **{f"geneval_{tag}": v for tag, v in scores["tags"].items()}, **fd,
-                             "eval_images": scores["num_images"], "eval_cfg": t.eval_cfg,
+                             "eval_images": scores["num_images"], "eval_cfg": t.eval_cfg, "eval_seed": t.eval_seed,
+                             "eval_guidance_max_t": t.eval_guidance_max_t,
                              "eval_seconds": time.time() - t0})
 
     def save_checkpoint(self) -> None:

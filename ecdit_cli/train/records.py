@@ -43,7 +43,7 @@ class Callbacks:
 RESUMABLE_CHANGES = {"moe.ep_size", "train.steps", "train.log_every", "train.val_every", "train.ckpt_every",
                      "train.keep_checkpoints", "train.threads", "train.device", "train.max_bad_steps",
                      "train.compile", "train.eval_every", "train.eval_per_tag", "train.eval_images",
-                     "train.eval_cfg", "train.eval_fd", "train.tracker", "train.wandb_mode", "train.wandb_project"}
+                     "train.eval_cfg", "train.eval_guidance_max_t", "train.eval_seed", "train.eval_fd", "train.tracker", "train.wandb_mode", "train.wandb_project"}
 
 
 def check_resume_compatible(cfg: RunConfig, run_dir: Path) -> None:
