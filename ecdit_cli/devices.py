@@ -24,3 +24,14 @@ def resolve_device(name: str, what: str = "--device", allowed: tuple[str, ...] =
         hint = f"{what} cpu" if what.startswith("--") else f"{what}=cpu"
         raise EcditError(f"{what}=cuda but no CUDA device is visible ({build} {torch.__version__}); use {hint}")
     return name
+
+
+def syncs_are_free(device) -> bool:
+    """Whether reading a value of a tensor on `device` back to the host costs nothing.
+
+    On the CPU it is a memory read. On an accelerator it waits until the device has run every
+    kernel queued so far, which stalls the host's queueing of the next ones: code on the
+    training path branches on tensor values only where this is True (tests patch it to run the
+    accelerator's code path on the CPU).
+    """
+    return getattr(device, "type", device) == "cpu"

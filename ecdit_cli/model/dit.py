@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecdit_cli import devices
 from ecdit_cli.config import RunConfig
 from ecdit_cli.model.moe import FeedForward, MoEFeedForward
 from ecdit_cli.model.routing import RoutingResult
@@ -90,7 +91,11 @@ class CaptionProjection(nn.Module):
         self.null_W = nn.Parameter(torch.zeros(text_width))
 
     def forward(self, text_BLW: Tensor, mask_BL: Tensor, drop_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if drop_B is not None and bool(drop_B.any()):
+        # The `any` test keeps the null embedding out of the graph when nothing is dropped (its
+        # gradient stays None, so AdamW leaves it alone). On an accelerator the test would be a
+        # device sync per forward: there torch.where always runs (same outputs; the null
+        # embedding then gets zero gradients, i.e. weight decay, in such steps).
+        if drop_B is not None and (not devices.syncs_are_free(drop_B.device) or bool(drop_B.any())):
             null_BLW = torch.zeros_like(text_BLW)
             null_BLW[:, 0] = self.null_W.to(text_BLW.dtype)
             null_mask = torch.zeros_like(mask_BL)
