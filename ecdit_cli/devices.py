@@ -35,3 +35,12 @@ def syncs_are_free(device) -> bool:
     accelerator's code path on the CPU).
     """
     return getattr(device, "type", device) == "cpu"
+
+
+def resolve_precision(setting: str, device: str) -> str:
+    """`train.precision` on a device type: 'auto' is bf16 on CUDA (DeepSpeed's bf16 mode: bf16
+    weights and activations, fp32 master weights in the optimizer, routers in fp32) and fp32
+    elsewhere; 'fp32' and 'bf16' as given. Training, validation and sampling all follow it."""
+    if setting == "auto":
+        return "bf16" if getattr(device, "type", str(device).split(":")[0]) == "cuda" else "fp32"
+    return setting

@@ -277,7 +277,9 @@ class DiT(nn.Module):
     def forward(self, x_BCHW: Tensor, t_B: Tensor, text_BLW: Tensor, mask_BL: Tensor,
                 drop_B: Tensor | None = None) -> DiTOutput:
         """x (B, C, H, W) noisy image, t (B,) in [0, 1], text (B, L, W) states, mask (B, L) bool."""
-        x = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        x = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2)  # (B, T, D)
+        # DeepSpeed's bf16 casts parameters, not buffers: the fp32 table would promote x to fp32.
+        x = x + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t_B)  # (B, D)
         text, mask = self.y_embedder(text_BLW.to(x.dtype), mask_BL, drop_B)  # (B, L, D)
         routing: list[RoutingResult] = []

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ecdit_cli import deepspeed_compat
+from ecdit_cli import deepspeed_compat, devices
 from ecdit_cli.config import RunConfig
 from ecdit_cli.devices import resolve_device
 from ecdit_cli.errors import ConfigError, EcditError
@@ -37,9 +37,8 @@ class DistInfo:
 
 
 def resolve_precision(cfg: RunConfig, device: str) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return cfg.train.precision
+    """The run's precision on `device` (devices.resolve_precision: auto is bf16 on CUDA)."""
+    return devices.resolve_precision(cfg.train.precision, device)
 
 
 def setup_distributed(cfg: RunConfig) -> DistInfo:
