@@ -105,7 +105,8 @@ def test_the_host_read_counter_sees_a_read_in_ecdit_code(monkeypatch):
 
 
 @pytest.mark.parametrize("routing,extra", [("dense", []), ("token_choice", ["train.micro_batch_size=4"]),
-                                           ("expert_choice", ["train.micro_batch_size=4"])])
+                                           ("expert_choice", ["train.micro_batch_size=4"]),
+                                           ("expert_choice", ["train.zero_stage=1"])])  # DeepSpeed's norm
 def test_deferred_finiteness_checks_log_the_same_numbers_and_train_the_same_weights(tmp_path, monkeypatch,
                                                                                      routing, extra):
     from ecdit_cli.train import loop

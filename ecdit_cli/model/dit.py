@@ -93,9 +93,11 @@ class CaptionProjection(nn.Module):
     def forward(self, text_BLW: Tensor, mask_BL: Tensor, drop_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # The `any` test keeps the null embedding out of the graph when nothing is dropped (its
         # gradient stays None, so AdamW leaves it alone). On an accelerator the test would be a
-        # device sync per forward: there torch.where always runs (same outputs; the null
-        # embedding then gets zero gradients, i.e. weight decay, in such steps).
-        if drop_B is not None and (not devices.syncs_are_free(drop_B.device) or bool(drop_B.any())):
+        # device sync per forward, and under torch.compile a graph break: there torch.where always
+        # runs (same outputs; the null embedding then gets zero gradients, i.e. weight decay, in
+        # such steps).
+        if drop_B is not None and (not devices.syncs_are_free(drop_B.device) or torch.compiler.is_compiling()
+                                   or bool(drop_B.any())):
             null_BLW = torch.zeros_like(text_BLW)
             null_BLW[:, 0] = self.null_W.to(text_BLW.dtype)
             null_mask = torch.zeros_like(mask_BL)

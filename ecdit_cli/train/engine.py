@@ -213,8 +213,3 @@ def norms_from_sums(steps: list[list[float]], n_shared: int, ep_size: int) -> li
         expert_sq = [x / (world // ep_size) for x in all_reduce(expert_sq)]
     return [(a + b) ** 0.5 for a, b in zip(shared_sq, expert_sq, strict=True)]
 
-
-def grad_norm(model: torch.nn.Module, ep_size: int) -> float | None:
-    """Global L2 norm of the (data-parallel reduced) gradients; None when ZeRO holds them."""
-    sums, n_shared = grad_square_sums(model)
-    return None if sums is None else norm_from_sums(sums.tolist(), n_shared, ep_size)
