@@ -340,8 +340,10 @@ class SlotPlan:
         S = num_tokens
         tok = token_idx_EC.reshape(-1)
         plan = cls(S, tok, tok.clamp(max=S - 1), tok == S)
-        # CSR on the CPU only, where its host read of the slot count (crow[-1]) is free.
-        if use_csr if use_csr is not None else devices.syncs_are_free(tok.device):
+        # CSR on the CPU only, where its host read of the slot count (crow[-1]) is free (but under
+        # torch.compile a graph break: the compiled graph takes the index_add path).
+        if use_csr if use_csr is not None else (devices.syncs_are_free(tok.device)
+                                                and not torch.compiler.is_compiling()):
             order = torch.argsort(tok, stable=True)
             if counts_S is None:
                 counts_S = torch.bincount(tok, minlength=S + 1)[:S]
