@@ -39,15 +39,13 @@ class PendingSteps:
         self.accum, self.ep_size = accum, ep_size
         self.steps: list[_Step] = []
 
-    def __len__(self) -> int:
-        return len(self.steps)
-
     def add(self, number: int, lr: float, outcome: StepOutcome) -> None:
         parts = [p.detach().reshape(-1).double() for p in outcome.parts]
         if isinstance(outcome.grad_norm, torch.Tensor):
             parts.append(outcome.grad_norm.detach().reshape(-1).double())
         # One device op per quantity, queued: nothing here waits for the device.
         vector = torch.cat(parts) if parts else None
+        outcome.parts = []  # the vector holds them; let the step's tensors (and their graphs) go
         self.steps.append(_Step(number, lr, outcome, vector))
 
     def read(self, reduce_max: Callable[[list[float]], list[float]]) -> tuple[list[dict[str, float]], tuple[int, str] | None]:

@@ -77,7 +77,6 @@ class StepOutcome:
     shared_sums: int = 0  # how many of them belong to shared (not expert) parameters
     grad_norm: float | torch.Tensor | None = None  # the norm itself, where known (eager checks, ZeRO)
     bad_reason: str = ""  # eager checks: why the step must not update the weights ('' = it may)
-    finite: torch.Tensor | None = None  # deferred checks: device flag, False when the step is bad
     deferred: bool = False  # the finiteness checks are left to the log step (pending.py)
 
 
@@ -149,7 +148,7 @@ def forward_backward(ctx: StepContext, step: int, inputs=micro_batch_inputs) -> 
     if not getattr(engine, "enable_backward_allreduce", True):
         deepspeed_compat.fill_missing_grads(engine.module)
     sums, n_shared = grad_square_sums(engine.module)
-    outcome = StepOutcome(parts, micro, finite=finite, deferred=not ctx.eager)
+    outcome = StepOutcome(parts, micro, deferred=not ctx.eager)
     if sums is not None and not ctx.eager:
         outcome.grad_sums, outcome.shared_sums = sums.numel(), n_shared
         parts.append(sums)
@@ -163,7 +162,6 @@ def forward_backward(ctx: StepContext, step: int, inputs=micro_batch_inputs) -> 
         # gradients on the device (the optimizer then moves the weights only by its momentum and
         # weight decay; the run fails at the next log step before anything past it is saved).
         finite = torch.isfinite(sums).all() if finite is None else finite & torch.isfinite(sums).all()
-        outcome.finite = finite
         bad = ~finite
         for p in engine.module.parameters():
             if p.grad is not None:
