@@ -10,8 +10,13 @@ exactly from a checkpoint's step alone; the checkpoint also carries the partial 
 (averaged over ranks), so a resumed run writes the same metrics as an uninterrupted one (tests
 check this on CPU), also on another expert-parallel size (portable.py).
 
+Host reads: a step's logged values stay on the device and are read back in one transfer at
+log, validation, evaluation and checkpoint steps (pending.py), with the same floats as reading
+each at once.
+
 Faults: a non-finite loss or gradient norm stops the run before the optimizer step (or skips
-up to `train.max_bad_steps` such steps), SIGINT/SIGTERM checkpoint at the next step boundary
+up to `train.max_bad_steps` such steps; on a GPU with max_bad_steps=0 the check waits for the
+next read and the bad step's gradients are zeroed, step.checks_each_step), SIGINT/SIGTERM checkpoint at the next step boundary
 (signals.py), and every file the run directory holds is written atomically (see rundir.py).
 """
 
