@@ -21,6 +21,7 @@ help:
 	@echo "                points committed under docs/routing-variants/runs) and rewrite docs/routing-variants/"
 	@echo "make lint   ruff over the package and the tests"
 	@echo "make bench  MoE layer, training step, whole loop and data benchmarks (writes results/bench/)"
+	@echo "make bench-gpu  the MoE layer and step benchmarks on one GPU in bf16 with MFU; fills BENCHMARKS.md's GPU section"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,9 +62,13 @@ bench: install
 	$(VENV)/bin/ecdit bench train --preset medium --rounds 2 --markdown results/bench/train-medium.md
 	$(VENV)/bin/ecdit bench data --markdown results/bench/data.md
 
+# One GPU, bf16: the MoE layer and the whole-model step (MFU against the device's peak from
+# ecdit_cli/bench/peaks.py; PEAK_TFLOPS=... for a GPU not in that table), then BENCHMARKS.md's GPU section.
+PEAK_TFLOPS ?=
 bench-gpu: install
 	$(VENV)/bin/ecdit bench moe --device cuda --markdown results/bench/moe-gpu.md
-	$(VENV)/bin/ecdit bench step --device cuda --markdown results/bench/step-gpu.md
+	$(VENV)/bin/ecdit bench step --device cuda $(if $(PEAK_TFLOPS),--peak-tflops $(PEAK_TFLOPS),) --markdown results/bench/step-gpu.md
+	$(PY) -m ecdit_cli.bench.gpu_section BENCHMARKS.md results/bench/moe-gpu.md results/bench/step-gpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -24,3 +24,23 @@ def resolve_device(name: str, what: str = "--device", allowed: tuple[str, ...] =
         hint = f"{what} cpu" if what.startswith("--") else f"{what}=cpu"
         raise EcditError(f"{what}=cuda but no CUDA device is visible ({build} {torch.__version__}); use {hint}")
     return name
+
+
+def syncs_are_free(device) -> bool:
+    """Whether reading a value of a tensor on `device` back to the host costs nothing.
+
+    On the CPU it is a memory read. On an accelerator it waits until the device has run every
+    kernel queued so far, which stalls the host's queueing of the next ones: code on the
+    training path branches on tensor values only where this is True (tests patch it to run the
+    accelerator's code path on the CPU).
+    """
+    return getattr(device, "type", device) == "cpu"
+
+
+def resolve_precision(setting: str, device: str) -> str:
+    """`train.precision` on a device type: 'auto' is bf16 on CUDA (DeepSpeed's bf16 mode: bf16
+    weights and activations, fp32 master weights in the optimizer, routers in fp32) and fp32
+    elsewhere; 'fp32' and 'bf16' as given. Training, validation and sampling all follow it."""
+    if setting == "auto":
+        return "bf16" if getattr(device, "type", str(device).split(":")[0]) == "cuda" else "fp32"
+    return setting

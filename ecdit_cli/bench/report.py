@@ -97,6 +97,9 @@ def step_markdown(res: dict[str, Any]) -> str:
             row += [f"{100 * r['train_mfu']:.1f}%", f"{100 * r['sample_mfu']:.1f}%"]
         rows.append(row)
     out += [_table(header, rows), ""]
+    if s.get("peak_note"):
+        out += [s["peak_note"] + (" MFU = accounting FLOPs per second (training step: 3 x forward) / peak."
+                                  if mfu else ""), ""]
     if res.get("ep"):
         out.append(ep_markdown(res["ep"]))
     return "\n".join(out)
@@ -156,6 +159,13 @@ def train_markdown(res: dict[str, Any]) -> str:
             if v is not None:
                 targets.append([f"{r['preset']} {r['routing']}", name, f"<= {res['targets'][name]:g}", f"{v:.2f}",
                                 "met" if met else "**not met**"])
+    compiled = [[f"{r['preset']} {r['routing']}", _f(r["engine step ms"]), _f(r["compiled engine step ms"]),
+                 _ratio_cell(r["compiled / engine step"])] for r in res["rows"] if "compiled / engine step" in r]
+    compile_table = [
+        "torch.compile (`train.compile=true`, DeepSpeed's `engine.compile()`): the engine step of an identically "
+        "initialised compiled engine, interleaved with the uncompiled one; compile time excluded (warm-up).",
+        _table(["preset / routing", "engine step", "compiled engine step", "compiled / engine"], compiled),
+    ] if compiled else []
     return "\n\n".join([
         f"### Training loop: {s['steps']}-step runs x {s['rounds']} rounds, batch {s['batch']}, fp32 "
         f"({s['reps']} interleaved steps per round; ms per step, medians; ratios: median (IQR) of per-round ratios)",
@@ -165,4 +175,18 @@ def train_markdown(res: dict[str, Any]) -> str:
                 "1-step process s", "import deepspeed s", "ecdit train process s", "plain script s",
                 "process / script"], rows),
         _table(["preset / routing", "target", "goal", "measured", ""], targets),
+        *compile_table,
     ])
+
+
+GPU_BEGIN, GPU_END = "<!-- bench-gpu:begin -->", "<!-- bench-gpu:end -->"
+
+
+def fill_section(doc: str, body: str, begin: str = GPU_BEGIN, end: str = GPU_END) -> str:
+    """`doc` with what lies between the `begin` and `end` marker lines replaced by `body`
+    (the markers and the body appended at the end when `doc` has no such pair)."""
+    i, j = doc.find(begin), doc.find(end)
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if i < 0 or j < i:
+        return doc.rstrip("\n") + "\n\n" + block + "\n"
+    return doc[:i] + block + doc[j + len(end):]

@@ -13,7 +13,8 @@ engine, the optimizer and gradient clipping of the run config):
 A training step is forward, loss (MSE + the weighted auxiliary losses, as train/loop.py),
 `engine.backward`, `engine.step`; a sampling step is one forward at batch B without autograd
 (classifier-free guidance would double both models' batches alike). Models are timed
-interleaved. On a GPU, model FLOP utilisation = accounting FLOPs per second / `peak_tflops`.
+interleaved. On a GPU, model FLOP utilisation = accounting FLOPs per second / the device's peak
+(peaks.py: a table of known GPUs, or `peak_tflops`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from ecdit_cli.bench.peaks import mfu, resolve_peak
 from ecdit_cli.bench.timing import (
     default_dtype,
     interleaved,
@@ -135,6 +137,8 @@ def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch
     if peak_tflops is not None and peak_tflops <= 0:
         raise EcditError(f"--peak-tflops {peak_tflops} is invalid: must be > 0")
     machine = machine_info(device, dtype)  # before the runs: the load average is other processes' load
+    peak = resolve_peak(machine.get("gpu"), peak_tflops)  # a known GPU's own peak unless one is given
+    peak_tflops = peak["peak_tflops"]
     cfgs = step_configs(preset, list(overrides or []), batch, device, width_multiple)
     setup_distributed(cfgs["dense"])
     benches = {}
@@ -163,8 +167,8 @@ def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch
             "sample_tflops": acc.flops_per_image * batch / inf["median"] / 1e12,
         }
         if peak_tflops:
-            row["train_mfu"] = row["train_tflops"] / peak_tflops
-            row["sample_mfu"] = row["sample_tflops"] / peak_tflops
+            row["train_mfu"] = mfu(step_flops, tr["median"], peak_tflops)
+            row["sample_mfu"] = mfu(acc.flops_per_image * batch, inf["median"], peak_tflops)
         rows.append(row)
     base = next(r for r in rows if r["model"] == "dense")
     for r in rows:
@@ -183,7 +187,7 @@ def bench_step(preset: str = "medium", overrides: list[str] | None = None, batch
             "hidden_size": first.model.hidden_size, "depth": first.model.depth,
             "tokens_per_image": first.model.tokens_per_image, "num_experts": first.moe.num_experts,
             "capacity_factor": first.moe.capacity_factor, "optimizer": first.train.optimizer,
-            "peak_tflops": peak_tflops, "width_multiple": width_multiple,
+            "peak_tflops": peak_tflops, "peak_note": peak["peak_note"], "width_multiple": width_multiple,
         },
         "rows": rows,
         "load_avg_1m_end": load_average(),

@@ -11,7 +11,11 @@ Per routing of one preset, in one process, for `rounds` rounds:
   `clip_grad_norm_`, no DeepSpeed);
 - **plain DiT**: `plain_dit.PlainDiT` of the same width, depth and heads (dense FFNs, no text
   encoder), the same plain loop;
-- **sgemm**: one matmul of the FFN's dominant shape (tokens x D x 4D), the machine's ceiling.
+- **sgemm**: one matmul of the FFN's dominant shape (tokens x D x 4D), the machine's ceiling;
+- **compiled engine step** (`--compile` only): the engine step of a third identically initialised
+  model whose engine ran `engine.compile()` (what `train.compile=true` does), against the
+  uncompiled one. Its first call compiles (inductor; about 100 s for the debug expert-choice
+  model on this 2-core machine), which the warm-up call absorbs.
 
 The four timed steps run interleaved after each full-loop round, so a slow spell of the machine
 hits them alike; ratios are per-round paired ratios, reported as medians with IQR. Start-up is
@@ -37,6 +41,7 @@ from ecdit_cli.errors import EcditError
 from ecdit_cli.model.accounting import count
 
 STEPS = ("engine step", "plain loop", "plain DiT", "sgemm")
+COMPILED = "compiled engine step"  # with --compile
 # The demo's logging settings (sweeps/demo.yaml), so the full loop pays what a demo run pays.
 DEMO_TRAIN = ["train.log_every=10", "train.val_every=100", "train.ckpt_every=200", "data.val_size=64",
               "train.lr=1e-3", "train.warmup_steps=25"]
@@ -59,7 +64,7 @@ def train_config(preset: str, routing: str, steps: int, batch: int, overrides: l
 class _Models:
     """The engine model, its plain-loop twin and the plain DiT, each with a fixed batch."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, compile: bool = False) -> None:
         from ecdit_cli.bench.plain_dit import PlainDiT
         from ecdit_cli.data.sources import make_source
         from ecdit_cli.model.t2i import TextToImage
@@ -79,6 +84,13 @@ class _Models:
         B = cfg.train.batch_size
         self.ctx = StepContext(cfg, self.engine, self.model, source, dist, B, 1, torch.float32)
         self.batch = micro_batch_inputs(self.ctx, 0, 0)
+        self.compiled_ctx = None
+        if compile:
+            torch.manual_seed(cfg.train.seed)
+            compiled_model = TextToImage(cfg, source.vocabulary())
+            compiled_engine = build_engine(cfg, compiled_model, "fp32", 1)
+            compiled_engine.compile()  # as train.compile does (loop.py)
+            self.compiled_ctx = StepContext(cfg, compiled_engine, compiled_model, source, dist, B, 1, torch.float32)
         t = cfg.train
         self.twin_opt = torch.optim.AdamW(self.twin.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                           weight_decay=t.weight_decay)
@@ -96,6 +108,12 @@ class _Models:
 
         forward_backward(self.ctx, 0, inputs=lambda ctx, step, m: self.batch)
         optimizer_step(self.engine, self.cfg.train.lr)
+
+    def compiled_engine_step(self) -> None:
+        from ecdit_cli.train.step import forward_backward, optimizer_step
+
+        forward_backward(self.compiled_ctx, 0, inputs=lambda ctx, step, m: self.batch)
+        optimizer_step(self.compiled_ctx.engine, self.cfg.train.lr)
 
     def plain_loop(self) -> None:
         x_t, t, text, mask, drop, v = self.batch
@@ -122,8 +140,11 @@ class _Models:
         torch.mm(self.a, self.b)
 
     def fns(self) -> dict[str, Callable[[], None]]:
-        return {"engine step": self.engine_step, "plain loop": self.plain_loop, "plain DiT": self.plain_dit,
-                "sgemm": self.sgemm}
+        fns = {"engine step": self.engine_step, "plain loop": self.plain_loop, "plain DiT": self.plain_dit,
+               "sgemm": self.sgemm}
+        if self.compiled_ctx is not None:
+            fns[COMPILED] = self.compiled_engine_step
+        return fns
 
 
 def _full_loop(cfg: RunConfig, root: Path) -> dict[str, float]:
@@ -185,7 +206,8 @@ def _ratios(a: list[float], b: list[float]) -> dict[str, float]:
 
 def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "expert_choice"), steps: int = 200,
                 rounds: int = 3, reps: int = 10, batch: int = 32, overrides: list[str] | None = None,
-                startup: bool = True, whole: bool = True, on_progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+                startup: bool = True, whole: bool = True, compile: bool = False,
+                on_progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     if steps < 2 or rounds < 1 or reps < 1 or batch < 1:
         raise EcditError(f"steps={steps}, rounds={rounds}, reps={reps}, batch={batch} are invalid: "
                          "steps must be >= 2 and the others >= 1")
@@ -196,18 +218,20 @@ def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "exp
         for routing in routings:
             cfg = train_config(preset, routing, steps, batch, overrides)
             on_progress(f"{preset} {routing}: building the engine, plain and reference models")
-            models = _Models(cfg)
-            per_step: dict[str, list[float]] = {name: [] for name in ("full loop", *STEPS)}
+            models = _Models(cfg, compile)
+            timed = (*STEPS, COMPILED) if compile else STEPS
+            per_step: dict[str, list[float]] = {name: [] for name in ("full loop", *timed)}
             setups = []
             processes: dict[str, list[float]] = {"ecdit_train_process_s": [], "plain_script_process_s": []}
             for r in range(rounds):
                 on_progress(f"{preset} {routing}: round {r + 1}/{rounds}: a {steps}-step run, then "
-                            f"{len(STEPS)} steps x {reps} interleaved")
+                            f"{len(timed)} steps x {reps} interleaved" + (" (the first compiled step compiles)"
+                                                                          if compile and r == 0 else ""))
                 full = _full_loop(cfg, Path(tmp) / f"{routing}-{r}")
                 per_step["full loop"].append(full["step_s"])
                 setups.append(full["setup_s"])
                 times = interleaved(models.fns(), reps, warmup=1 if r == 0 else 0)
-                for name in STEPS:
+                for name in timed:
                     per_step[name].append(summary(times[name])["median"])
                 if whole:
                     on_progress(f"{preset} {routing}: round {r + 1}/{rounds}: a whole `ecdit train` process, "
@@ -229,6 +253,8 @@ def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "exp
                 "engine step / plain loop": _ratios(per_step["engine step"], per_step["plain loop"]),
                 "plain loop / plain DiT": _ratios(per_step["plain loop"], per_step["plain DiT"]),
             }
+            if compile:
+                row["compiled / engine step"] = _ratios(per_step[COMPILED], per_step["engine step"])
             # The plain DiT is dense: compare per FLOP (an MoE model does more work per image).
             row["plain loop / plain DiT (per FLOP)"] = {
                 k: v / (acc.flops_per_image / dense_flops) for k, v in row["plain loop / plain DiT"].items()}
@@ -251,7 +277,8 @@ def bench_train(preset: str = "tiny", routings: tuple[str, ...] = ("dense", "exp
             (ec["engine step ms"] / ec["flops_per_image"]) / (de["engine step ms"] / de["flops_per_image"]))
     return {"kind": "train", "machine": machine, "load_avg_end": load_average(),
             "settings": {"preset": preset, "routings": list(routings), "steps": steps, "rounds": rounds,
-                         "reps": reps, "batch": batch, "overrides": overrides, "demo_train": DEMO_TRAIN},
+                         "reps": reps, "batch": batch, "overrides": overrides, "demo_train": DEMO_TRAIN,
+                         "compile": compile},
             "targets": TARGETS, "rows": rows}
 
 

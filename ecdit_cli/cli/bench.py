@@ -168,6 +168,9 @@ def train(
     no_startup: Annotated[bool, typer.Option("--no-startup", help="Skip the start-up measurement (two subprocesses).")] = False,
     no_whole: Annotated[bool, typer.Option(
         "--no-whole", help="Skip the whole-process comparison (`ecdit train` vs a plain PyTorch script, each round).")] = False,
+    compile_: Annotated[bool, typer.Option(
+        "--compile", help="Also time the engine step of a torch.compile'd engine (train.compile; the first "
+                          "step compiles, ~100 s for the debug model on 2 cores).")] = False,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
     markdown: MarkdownOpt = None,
@@ -187,5 +190,5 @@ def train(
     with _stdout_to_stderr():
         result = bench_train(preset, routings, steps=steps, rounds=rounds, reps=reps, batch=batch,
                              overrides=list(set_ or []), startup=not no_startup, whole=not no_whole,
-                             on_progress=_progress(quiet))
+                             compile=compile_, on_progress=_progress(quiet))
     _emit(result, train_markdown(result), as_json, markdown)

@@ -83,7 +83,8 @@ class TrainDisplay:
 
         def on_step(step: int, values: dict[str, Any]) -> None:
             if self.task is not None:
-                self.progress.update(self.task, completed=step, loss=f"{values['loss']:.4f}",
+                loss = values["loss"]  # the latest step read back (at log steps), None before
+                self.progress.update(self.task, completed=step, loss="-" if loss is None else f"{loss:.4f}",
                                      ips=f"{values['images_per_s']:.0f}")
 
         def on_record(rec: dict[str, Any]) -> None:

@@ -134,21 +134,25 @@ def _integrate(model, noise: torch.Tensor, text: torch.Tensor, mask: torch.Tenso
     # Host-side t grid (the one euler_sample walks): deciding per step costs no device sync.
     guided_at = [cfg_scale != 1.0 and t <= guidance_max_t for t in euler_timesteps(steps, shift).tolist()[:-1]]
     step = 0
+    # The model runs in its weights' dtype (bf16 inside a bf16 training run, train.precision);
+    # the Euler integration stays in fp32. Both casts are no-ops for an fp32 model.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         guided = guided_at[step]
+        x = x.to(dtype)
         if record is not None or not guided:
             cond = model(x, t, text, mask)
             if record is not None:
                 record(step, cond.routing)
             if not guided:
-                return cond.velocity
+                return cond.velocity.float()
             drop = torch.ones(B, dtype=torch.bool, device=x.device)
-            return cfg_combine(cond.velocity, model(x, t, text, mask, drop).velocity, cfg_scale)
+            return cfg_combine(cond.velocity.float(), model(x, t, text, mask, drop).velocity.float(), cfg_scale)
         # One forward for both passes: rows [0, B) conditional, [B, 2B) with the null caption.
         drop = torch.arange(2 * B, device=x.device) >= B
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, text]), torch.cat([mask, mask]),
-                     drop).velocity
+                     drop).velocity.float()
         return cfg_combine(both[:B], both[B:], cfg_scale)
 
     def after_step(i: int, t: float, _v: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecdit_cli import devices
 from ecdit_cli.config import RunConfig
 from ecdit_cli.model.moe import FeedForward, MoEFeedForward
 from ecdit_cli.model.routing import RoutingResult
@@ -90,7 +91,13 @@ class CaptionProjection(nn.Module):
         self.null_W = nn.Parameter(torch.zeros(text_width))
 
     def forward(self, text_BLW: Tensor, mask_BL: Tensor, drop_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if drop_B is not None and bool(drop_B.any()):
+        # The `any` test keeps the null embedding out of the graph when nothing is dropped (its
+        # gradient stays None, so AdamW leaves it alone). On an accelerator the test would be a
+        # device sync per forward, and under torch.compile a graph break: there torch.where always
+        # runs (same outputs; the null embedding then gets zero gradients, i.e. weight decay, in
+        # such steps).
+        if drop_B is not None and (not devices.syncs_are_free(drop_B.device) or torch.compiler.is_compiling()
+                                   or bool(drop_B.any())):
             null_BLW = torch.zeros_like(text_BLW)
             null_BLW[:, 0] = self.null_W.to(text_BLW.dtype)
             null_mask = torch.zeros_like(mask_BL)
@@ -272,7 +279,9 @@ class DiT(nn.Module):
     def forward(self, x_BCHW: Tensor, t_B: Tensor, text_BLW: Tensor, mask_BL: Tensor,
                 drop_B: Tensor | None = None) -> DiTOutput:
         """x (B, C, H, W) noisy image, t (B,) in [0, 1], text (B, L, W) states, mask (B, L) bool."""
-        x = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        x = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2)  # (B, T, D)
+        # DeepSpeed's bf16 casts parameters, not buffers: the fp32 table would promote x to fp32.
+        x = x + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t_B)  # (B, D)
         text, mask = self.y_embedder(text_BLW.to(x.dtype), mask_BL, drop_B)  # (B, L, D)
         routing: list[RoutingResult] = []

@@ -9,6 +9,7 @@ import torch
 
 from ecdit_cli import RUN_FORMAT_VERSION, rundir
 from ecdit_cli.config import RunConfig, config_from_dict, load_run_config
+from ecdit_cli.devices import resolve_precision
 from ecdit_cli.errors import EcditError
 from ecdit_cli.model.t2i import TextToImage
 
@@ -77,4 +78,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "cpu",
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise EcditError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if resolve_precision(cfg.train.precision, device) == "bf16":
+        # Sample in the precision the run trained in (DeepSpeed's bf16 casts the trained modules;
+        # frozen encoders and a VAE keep their own dtype).
+        model = model.to(torch.bfloat16)
     return model.to(device).frozen_to(device).eval(), cfg

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ecdit_cli import deepspeed_compat
+from ecdit_cli import deepspeed_compat, devices
 from ecdit_cli.model.routing import (
     RoutingResult,
     debug_routing,
@@ -254,7 +254,7 @@ class Router(nn.Module):
             r = race(logits_SE, self.call_group_size(), self.capacity_factor, expert_cap=self.race_expert_cap)
             if self.training and r.threshold_score is not None:
                 self._update_threshold(r.threshold_score)
-        r.stats["race_threshold"] = float(self.race_threshold)
+        r.stat_values["race_threshold"] = self.race_threshold.detach().clone()  # the buffer moves on
         return r
 
     @torch.no_grad()
@@ -340,7 +340,10 @@ class SlotPlan:
         S = num_tokens
         tok = token_idx_EC.reshape(-1)
         plan = cls(S, tok, tok.clamp(max=S - 1), tok == S)
-        if use_csr if use_csr is not None else tok.device.type == "cpu":
+        # CSR on the CPU only, where its host read of the slot count (crow[-1]) is free (but under
+        # torch.compile a graph break: the compiled graph takes the index_add path).
+        if use_csr if use_csr is not None else (devices.syncs_are_free(tok.device)
+                                                and not torch.compiler.is_compiling()):
             order = torch.argsort(tok, stable=True)
             if counts_S is None:
                 counts_S = torch.bincount(tok, minlength=S + 1)[:S]

@@ -61,12 +61,39 @@ class RoutingResult:
     z_loss: Tensor | None = None  # token choice: router z-loss (unweighted)
     experts_per_token_S: Tensor | None = None  # (S,) long, detached: experts that processed each token
     tokens_per_expert_E: Tensor | None = None  # (E,) detached: routes each expert was asked for (before capacity)
-    stats: dict[str, float] = field(default_factory=dict)  # scalars for logging
+    # Scalars for logging, as 0-dim device tensors (or plain floats where the host knows them):
+    # the training loop moves them to the host in one transfer per log step, not one per layer
+    # and forward (each transfer waits for the device to finish its queue).
+    stat_values: dict[str, Tensor | float] = field(default_factory=dict)
     threshold_score: Tensor | None = None  # race top-k: mean k-th largest score of the groups (fp32, detached)
 
     @property
     def capacity(self) -> int:
         return self.token_idx_EC.shape[1]
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """`stat_values` on the host (one transfer): for analysis and tests, not the training loop."""
+        return host_floats(self.stat_values)
+
+
+def host_floats(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """{key: float} of a dict of 0-dim tensors and floats, with one host transfer for all tensors."""
+    keys = [k for k, v in values.items() if isinstance(v, Tensor)]
+    moved = torch.stack([values[k].detach().double() for k in keys]).tolist() if keys else []
+    out = {k: float(v) for k, v in values.items()}  # floats as they are; tensors overwritten below
+    out.update(zip(keys, moved, strict=True))
+    return out
+
+
+def count_indices(idx: Tensor, size: int) -> Tensor:
+    """(size,) long: how often each value in [0, size) occurs in `idx` (all values must be < size).
+
+    `torch.bincount` on CUDA reads the largest value back to the host to size its output (a
+    device sync in every forward); a scatter-add into a buffer of known size does not.
+    """
+    flat = idx.reshape(-1)
+    return torch.zeros(size, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _group_bounds(num_tokens: int, group_size: int) -> list[tuple[int, int]]:
@@ -105,11 +132,11 @@ def expert_choice(logits_SE: Tensor, group_size: int, capacity_factor: float) ->
     token_idx_EC = idx_parts[0] if len(idx_parts) == 1 else torch.cat(idx_parts, dim=1)
     weight_EC = w_parts[0] if len(w_parts) == 1 else torch.cat(w_parts, dim=1)
 
-    experts_per_token_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S)[:S]  # long: carries no grad
+    experts_per_token_S = count_indices(token_idx_EC, S)  # long: carries no grad
     ept = experts_per_token_S.float()
-    # One host transfer for all statistics (each .item() would be a device sync). Every slot is
-    # used, so the mean is exactly E * C / S.
-    std, mx, unrouted = torch.stack([ept.std(unbiased=False), ept.max(), (ept == 0).float().mean()]).tolist()
+    # Statistics stay on the device (no sync here). Every slot is used, so the mean is exactly
+    # E * C / S, known on the host.
+    std, mx, unrouted = torch.stack([ept.std(unbiased=False), ept.max(), (ept == 0).float().mean()]).unbind()
     stats = {
         "ec_experts_per_token_mean": E * token_idx_EC.shape[1] / S,
         "ec_experts_per_token_std": std,
@@ -122,7 +149,7 @@ def expert_choice(logits_SE: Tensor, group_size: int, capacity_factor: float) ->
         num_tokens=S,
         experts_per_token_S=experts_per_token_S,
         tokens_per_expert_E=torch.full((E,), token_idx_EC.shape[1], device=logits_SE.device),
-        stats=stats,
+        stat_values=stats,
     )
 
 
@@ -208,13 +235,14 @@ def token_choice(
     token_idx_EC = token_idx[:scratch].view(E, total_C)
     weight_EC = weight[:scratch].view(E, total_C)
 
-    tokens_per_expert_E = torch.bincount(expert_SK.reshape(-1), minlength=E).detach()
-    experts_per_token_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S + 1)[:S].detach()
-    # One host transfer for both statistics (each .item() would be a device sync).
+    tokens_per_expert_E = count_indices(expert_SK, E).detach()
+    experts_per_token_S = count_indices(token_idx_EC, S + 1)[:S].detach()
+    # Statistics stay on the device; the dropped share in fp64, the arithmetic (and so the
+    # float) the host once did on the kept count.
     kept, imbalance = torch.stack([keep_R.sum().float(),
-                                   tokens_per_expert_E.max() / tokens_per_expert_E.float().mean()]).tolist()
+                                   tokens_per_expert_E.max() / tokens_per_expert_E.float().mean()]).unbind()
     stats = {
-        "tc_dropped_frac": 1.0 - kept / max(1, S * K),
+        "tc_dropped_frac": 1.0 - kept.double() / max(1, S * K),
         "tc_load_imbalance": imbalance,
     }
     return RoutingResult(
@@ -225,7 +253,7 @@ def token_choice(
         z_loss=router_z_loss(logits_SE),
         experts_per_token_S=experts_per_token_S,
         tokens_per_expert_E=tokens_per_expert_E,
-        stats=stats,
+        stat_values=stats,
     )
 
 
@@ -288,18 +316,18 @@ def debug_routing(logits_SE: Tensor, kind: str, routing: str, group_size: int, c
     r = RoutingResult(token_idx_EC=token_idx_EC, weight_EC=weight_EC, num_tokens=S)
     if routing == "token_choice" and normalize:
         r.weight_EC = _per_token_normalised(r)
-    counts_S = torch.bincount(token_idx_EC.reshape(-1), minlength=S + 1)[:S]
+    counts_S = count_indices(token_idx_EC, S + 1)[:S]
     r.experts_per_token_S = counts_S
     r.tokens_per_expert_E = used_EC.sum(dim=1)
     ept = counts_S.float()
     if routing == "expert_choice":
-        std, mx, unrouted = torch.stack([ept.std(unbiased=False), ept.max(), (ept == 0).float().mean()]).tolist()
-        r.stats = {"ec_experts_per_token_mean": E * token_idx_EC.shape[1] / S, "ec_experts_per_token_std": std,
-                   "ec_experts_per_token_max": mx, "ec_unrouted_frac": unrouted}
+        std, mx, unrouted = torch.stack([ept.std(unbiased=False), ept.max(), (ept == 0).float().mean()]).unbind()
+        r.stat_values = {"ec_experts_per_token_mean": E * token_idx_EC.shape[1] / S, "ec_experts_per_token_std": std,
+                         "ec_experts_per_token_max": mx, "ec_unrouted_frac": unrouted}
     else:
         load_E = r.tokens_per_expert_E.float()
-        kept, imbalance = torch.stack([load_E.sum(), load_E.max() / load_E.mean().clamp_min(1e-9)]).tolist()
-        r.stats = {"tc_dropped_frac": 1.0 - kept / max(1, S * top_k), "tc_load_imbalance": imbalance}
+        kept, imbalance = torch.stack([load_E.sum(), load_E.max() / load_E.mean().clamp_min(1e-9)]).unbind()
+        r.stat_values = {"tc_dropped_frac": 1.0 - kept.double() / max(1, S * top_k), "tc_load_imbalance": imbalance}
     return r
 
 
@@ -419,8 +447,8 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
             # Balance loss on the picks (GShard's form with the race's picks as the routes): 1 when
             # every expert gets K / E picks, E when one expert takes them all.
             e_NK = flat_NK % E
-            share_NE = torch.bincount((e_NK + torch.arange(N, device=device).view(N, 1) * E).reshape(-1),
-                                      minlength=N * E).view(N, E).float() / K
+            share_NE = count_indices(e_NK + torch.arange(N, device=device).view(N, 1) * E,
+                                     N * E).view(N, E).float() / K
             p_NE = probs_SE[start : start + length].view(N, G, E).mean(dim=1)
             aux_parts.append(E * (p_NE * share_NE).sum(dim=-1))
         tok_R, exp_R, w_R = torch.cat(tok_parts), torch.cat(exp_parts), torch.cat(w_parts)
@@ -431,7 +459,7 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
         tok_R, exp_R, w_R = _cap_per_expert(tok_R, exp_R, w_R, group_size if group_size > 0 else S, E,
                                             expert_capacity(group_size if group_size > 0 else S,
                                                             expert_cap * capacity_factor, E))
-    counts_E = torch.bincount(exp_R, minlength=E)
+    counts_E = count_indices(exp_R, E)
     width = max(1, int(counts_E.max())) if exp_R.numel() else 1
     # Slot of each pick: its rank among the picks of its expert (a stable sort by expert).
     order = torch.argsort(exp_R, stable=True)
@@ -444,11 +472,11 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
     weight = probs_SE.new_zeros(E * width).scatter(0, slot_R, w_R)
     token_idx_EC, weight_EC = token_idx.view(E, width), weight.view(E, width)
 
-    experts_per_token_S = torch.bincount(tok_R, minlength=S)
+    experts_per_token_S = count_indices(tok_R, S)
     ept = experts_per_token_S.float()
-    # One host transfer for all statistics (each .item() would be a device sync).
+    # Statistics stay on the device (the slot table's width above is race's one sync per layer).
     mean, std, mn, mx, unrouted = torch.stack([ept.mean(), ept.std(unbiased=False), ept.min(), ept.max(),
-                                               (ept == 0).float().mean()]).tolist()
+                                               (ept == 0).float().mean()]).unbind()
     stats = {
         "race_experts_per_token_mean": mean,
         "race_experts_per_token_std": std,
@@ -467,7 +495,7 @@ def race(logits_SE: Tensor, group_size: int, capacity_factor: float, threshold: 
         z_loss=router_z_loss(logits_SE) if aux_loss is not None else None,  # weighted by moe.z_loss_weight
         experts_per_token_S=experts_per_token_S,
         tokens_per_expert_E=counts_E,
-        stats=stats,
+        stat_values=stats,
         threshold_score=kth_sum / n_groups if n_groups else None,
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ecdit_cli import deepspeed_compat
+from ecdit_cli import deepspeed_compat, devices
 from ecdit_cli.config import RunConfig
 from ecdit_cli.devices import resolve_device
 from ecdit_cli.errors import ConfigError, EcditError
@@ -37,9 +37,8 @@ class DistInfo:
 
 
 def resolve_precision(cfg: RunConfig, device: str) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return cfg.train.precision
+    """The run's precision on `device` (devices.resolve_precision: auto is bf16 on CUDA)."""
+    return devices.resolve_precision(cfg.train.precision, device)
 
 
 def setup_distributed(cfg: RunConfig) -> DistInfo:
@@ -174,30 +173,43 @@ def all_reduce(values: list[float], op: str = "sum", group=None) -> list[float]:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend(group) == "nccl":
+        t = t.cuda()  # NCCL reduces device tensors only
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX,
                                  group=group)
     return t.tolist()
 
 
-def grad_norm(model: torch.nn.Module, ep_size: int) -> float | None:
-    """Global L2 norm of the (data-parallel reduced) gradients; None when ZeRO holds them.
+def grad_square_sums(model: torch.nn.Module) -> tuple[torch.Tensor | None, int]:
+    """(per-tensor sums of squared gradients in fp32, shared parameters first, then experts;
+    how many are shared), on the device; (None, 0) when ZeRO holds the gradients.
 
-    Shared parameters are identical on every rank after the all-reduce; expert parameters are
-    distinct across expert-parallel ranks and replicated world/ep times, so their squares are
-    summed over the world and divided by the replica count.
-    """
+    Expert parameters are the ones DeepSpeed marks `allreduce = False`."""
     shared, expert = [], []
     for p in model.parameters():
         if p.grad is not None:
             (expert if getattr(p, "allreduce", True) is False else shared).append(p.grad.detach().float())
     if not shared and not expert:
-        return None
-    # Per-tensor sums of squares in fp32, one host transfer for all of them, added up in Python
-    # in parameter order (the order a per-tensor loop would add them in: the same float).
-    sums = torch.stack([g.square().sum() for g in shared + expert]).tolist()
-    shared_sq, expert_sq = sum(sums[: len(shared)]), sum(sums[len(shared):])
+        return None, 0
+    return torch.stack([g.square().sum() for g in shared + expert]), len(shared)
+
+
+def norm_from_sums(sums: list[float], n_shared: int, ep_size: int) -> float:
+    """Global L2 norm from `grad_square_sums` read back to the host (a collective on many processes).
+
+    Shared parameters are identical on every rank after the all-reduce; expert parameters are
+    distinct across expert-parallel ranks and replicated world/ep times, so their squares are
+    summed over the world and divided by the replica count. The sums are added up in Python in
+    parameter order (the order a per-tensor loop would add them in: the same float)."""
+    return norms_from_sums([sums], n_shared, ep_size)[0]
+
+
+def norms_from_sums(steps: list[list[float]], n_shared: int, ep_size: int) -> list[float]:
+    """`norm_from_sums` of several steps, with one collective for all of them."""
+    shared_sq = [sum(s[:n_shared]) for s in steps]
+    expert_sq = [sum(s[n_shared:]) for s in steps]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
-        (expert_sq,) = all_reduce([expert_sq])
-        expert_sq /= world // ep_size
-    return (shared_sq + expert_sq) ** 0.5
+        expert_sq = [x / (world // ep_size) for x in all_reduce(expert_sq)]
+    return [(a + b) ** 0.5 for a, b in zip(shared_sq, expert_sq, strict=True)]
+

@@ -10,8 +10,13 @@ exactly from a checkpoint's step alone; the checkpoint also carries the partial 
 (averaged over ranks), so a resumed run writes the same metrics as an uninterrupted one (tests
 check this on CPU), also on another expert-parallel size (portable.py).
 
+Host reads: a step's logged values stay on the device and are read back in one transfer at
+log, validation, evaluation and checkpoint steps (pending.py), with the same floats as reading
+each at once.
+
 Faults: a non-finite loss or gradient norm stops the run before the optimizer step (or skips
-up to `train.max_bad_steps` such steps), SIGINT/SIGTERM checkpoint at the next step boundary
+up to `train.max_bad_steps` such steps; on a GPU with max_bad_steps=0 the check waits for the
+next read and the bad step's gradients are zeroed, step.checks_each_step), SIGINT/SIGTERM checkpoint at the next step boundary
 (signals.py), and every file the run directory holds is written atomically (see rundir.py).
 """
 
@@ -33,6 +38,7 @@ from ecdit_cli.files import append_jsonl, atomic_write_json, io_error, read_json
 from ecdit_cli.lock import RunLock
 from ecdit_cli.model.accounting import count
 from ecdit_cli.train import checkpoint
+from ecdit_cli.train.pending import PendingSteps
 from ecdit_cli.train.records import (
     Callbacks,
     TrainingFailed,
@@ -49,6 +55,7 @@ from ecdit_cli.train.signals import StopRequest
 from ecdit_cli.train.step import (
     StepContext,
     StepOutcome,
+    checks_each_step,
     deepspeed_grad_norm,
     forward_backward,
     optimizer_step,
@@ -116,6 +123,8 @@ class _Run:
         self.step_done = self.images_seen = self.bad_steps = 0
         self.wall_before = 0.0
         self.window = Window()
+        self.pending = PendingSteps(self.accum, cfg.moe.ep_size if cfg.moe.is_moe else 1)
+        self.last_loss: float | None = None  # train loss of the latest step read back (progress display)
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}
         self.restored = None
@@ -310,6 +319,7 @@ class _Run:
     def save_checkpoint(self) -> None:
         from ecdit_cli.train.engine import all_reduce
 
+        self.read_pending()  # the window it stores, and no checkpoint past a bad step
         moe = self.cfg.moe
         client = {"step": self.step_done, "images_seen": self.images_seen, "bad_steps": self.bad_steps,
                   "wall_time_s": self.wall_time(),
@@ -329,7 +339,8 @@ class _Run:
         from ecdit_cli.train.engine import all_reduce
 
         ctx = StepContext(self.cfg, self.engine, self.model, self.source, self.dist, self.micro, self.accum,
-                          activation_dtype(self.engine))
+                          activation_dtype(self.engine),
+                          eager=checks_each_step(self.cfg, self.engine.device, self.clip_by_hand))
         with StopRequest() as stop:
             if self.step_done == 0 and self.restored is None:
                 self.validate()
@@ -368,9 +379,9 @@ class _Run:
         elif self.clip_by_hand and outcome.grad_norm is not None:
             clip_gradients(self.engine.module, self.cfg.train.grad_clip, outcome.grad_norm)
         optimizer_step(self.engine, lr)
-        if outcome.grad_norm is None:
-            outcome.grad_norm = deepspeed_grad_norm(self.engine)
-            if outcome.grad_norm is not None and not math.isfinite(outcome.grad_norm):
+        if outcome.grad_norm is None and not outcome.grad_sums:
+            outcome.grad_norm = deepspeed_grad_norm(self.engine, eager=not outcome.deferred)
+            if not outcome.deferred and outcome.grad_norm is not None and not math.isfinite(outcome.grad_norm):
                 # ZeRO-1/2 hold the gradients: the step has already happened, so this run cannot
                 # continue; its last checkpoint predates the bad step.
                 reason = f"non-finite gradient norm at step {step + 1}"
@@ -380,22 +391,24 @@ class _Run:
         return lr
 
     def after_step(self, outcome: StepOutcome, lr: float) -> None:
-        """Count the step into the logging window; log, validate and checkpoint when they are due."""
+        """Count the step into the logging window; log, validate and checkpoint when they are due.
+
+        The step's values stay on the device (pending.py) until a step that logs, validates,
+        evaluates or checkpoints reads them all back at once."""
         cfg, window = self.cfg.train, self.window
         self.step_done += 1
         self.images_seen += cfg.batch_size
-        values = outcome.values
-        values["lr"] = lr
-        if outcome.grad_norm is not None:
-            values["grad_norm"] = outcome.grad_norm
-        window.add(values)
+        self.pending.add(self.step_done, lr, outcome)
         window.images += cfg.batch_size
+        last = self.step_done == cfg.steps
+        due = [self.step_done % every == 0 for every in (cfg.log_every, cfg.val_every, cfg.ckpt_every)]
+        if last or any(due) or (cfg.eval_every and self.step_done % cfg.eval_every == 0):
+            self.read_pending()  # also waits for the device: the window's time below is its time
         now = time.time()
         window.seconds += now - self.t_window
         self.t_window = now
-        self.cb.on_step(self.step_done, {"loss": values["train_loss"], "images_per_s": window.images_per_s})
+        self.cb.on_step(self.step_done, {"loss": self.last_loss, "images_per_s": window.images_per_s})
 
-        last = self.step_done == cfg.steps
         if self.step_done % cfg.log_every == 0 or last:
             from ecdit_cli.train.engine import all_reduce
 
@@ -413,6 +426,23 @@ class _Run:
             self.save_checkpoint()
             self.t_window = time.time()
             self.write_summary("running")
+
+    def read_pending(self) -> None:
+        """Read the pending steps' values into the window (one host transfer); fail on a bad step
+        that deferred checks let through (step.checks_each_step)."""
+        from ecdit_cli.train.engine import all_reduce
+
+        steps, bad = self.pending.read(lambda flags: all_reduce(flags, op="max"))
+        if bad is not None:
+            reason = bad[1]
+            self.log(reason)
+            self.fail(reason, f"{reason} (found at step {self.step_done}: on {self.engine.device.type} the check "
+                      "runs when the values are read, at log, validation and checkpoint steps); the run is marked "
+                      "failed and its last good checkpoint is kept (train.max_bad_steps > 0 checks every step)")
+        for values in steps:
+            self.window.add(values)
+        if steps:
+            self.last_loss = steps[-1]["train_loss"]
 
     def finish(self) -> None:
         save_final_weights(self.engine, self.ema, self.model, self.run_dir, self.dist, self.cfg)

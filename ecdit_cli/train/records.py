@@ -135,12 +135,12 @@ def start_info(cfg: RunConfig, acc: Any, *, run_dir: Path, run_id: str, start_st
     }
 
 
-def routing_stats(routing: list) -> dict[str, float]:
-    """Averages over MoE layers of each router's scalar statistics."""
-    if not routing:
+def routing_stats(layers: list[dict[str, float]]) -> dict[str, float]:
+    """Averages over MoE layers of each router's scalar statistics (one dict of floats per layer)."""
+    if not layers:
         return {}
-    keys = routing[0].stats.keys()
-    return {k: float(np.mean([r.stats[k] for r in routing])) for k in keys}
+    keys = layers[0].keys()
+    return {k: float(np.mean([stats[k] for stats in layers])) for k in keys}
 
 
 def now_iso() -> str:
