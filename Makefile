@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ecdit-installed
 DEMO_DIR ?= results/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo reference routing-variants lint bench bench-gpu clean help
+.PHONY: install test demo reference routing-variants quality lint bench bench-gpu clean help
 
 help:
 	@echo "make demo   install, then run the demo study end to end (sweep, train, plot)"
@@ -19,6 +19,7 @@ help:
 	@echo "                committed under docs/reference/runs) and rewrite docs/reference/"
 	@echo "make routing-variants  the routing-variants study (sweeps/routing-variants.yaml; same script, takes the"
 	@echo "                points committed under docs/routing-variants/runs) and rewrite docs/routing-variants/"
+	@echo "make quality  train the drawing recipe (docs/quality.md; about 35 min on 2 cores), evaluate and analyze it"
 	@echo "make lint   ruff over the package and the tests"
 	@echo "make bench  MoE layer, training step, whole loop and data benchmarks (writes results/bench/)"
 	@echo "make bench-gpu  the MoE layer and step benchmarks on one GPU in bf16 with MFU; fills BENCHMARKS.md's GPU section"
@@ -51,6 +52,17 @@ RV_DIR ?= results/routing-variants
 routing-variants: install
 	ECDIT=$(VENV)/bin/ecdit PYTHON=$(PY) REF_SPEC=sweeps/routing-variants.yaml REF_DIR=$(RV_DIR) \
 	REF_DOCS=docs/routing-variants REF_ANALYZE=" " REF_COMMAND="make routing-variants" bash scripts/reference.sh
+
+# The drawing recipe of docs/quality.md: one expert-choice model (about 35 min on 2 idle cores),
+# then GenEval on the full prompt set at a sampling seed nothing was tuned on, and the report.
+QUALITY_DIR ?= results/quality
+QUALITY_EVAL ?= --cfg 4 --guidance-max-t 0.6 --seed 1
+quality: install
+	$(VENV)/bin/ecdit sweep sweeps/quality.yaml -o $(QUALITY_DIR)
+	$(VENV)/bin/ecdit train --sweep $(QUALITY_DIR)
+	$(VENV)/bin/ecdit eval $(QUALITY_DIR)/runs/small-ec-e8-f2-s0 $(QUALITY_EVAL)
+	$(VENV)/bin/ecdit analyze $(QUALITY_DIR)/runs/small-ec-e8-f2-s0 $(QUALITY_EVAL)
+	$(VENV)/bin/ecdit plot $(QUALITY_DIR)
 
 lint: install
 	$(VENV)/bin/ruff check ecdit_cli tests
