@@ -19,7 +19,7 @@ help:
 	@echo "                committed under docs/reference/runs) and rewrite docs/reference/"
 	@echo "make routing-variants  the routing-variants study (sweeps/routing-variants.yaml; same script, takes the"
 	@echo "                points committed under docs/routing-variants/runs) and rewrite docs/routing-variants/"
-	@echo "make quality  train the drawing recipe (docs/quality.md; about 31 min on 2 cores), evaluate and analyze it"
+	@echo "make quality  train the drawing recipe (docs/quality.md; 31-35 min on 2 cores), evaluate and analyze it"
 	@echo "make lint   ruff over the package and the tests"
 	@echo "make bench  MoE layer, training step, whole loop and data benchmarks (writes results/bench/)"
 	@echo "make bench-gpu  the MoE layer and step benchmarks on one GPU in bf16 with MFU; fills BENCHMARKS.md's GPU section"
@@ -63,7 +63,7 @@ routing-variants: install
 	ECDIT=$(VENV)/bin/ecdit PYTHON=$(PY) REF_SPEC=sweeps/routing-variants.yaml REF_DIR=$(RV_DIR) \
 	REF_DOCS=docs/routing-variants REF_ANALYZE=" " REF_COMMAND="make routing-variants" bash scripts/reference.sh
 
-# The drawing recipe of docs/quality.md: one expert-choice model (about 31 min on 2 idle cores),
+# The drawing recipe of docs/quality.md: one expert-choice model (31-35 min on 2 idle cores),
 # then GenEval on the full prompt set at a sampling seed nothing was tuned on, and the report.
 QUALITY_DIR ?= results/quality
 QUALITY_EVAL ?= --cfg 4 --guidance-max-t 0.6 --seed 1
